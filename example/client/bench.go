@@ -1,0 +1,192 @@
+//go:build kshmwip
+
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"text/tabwriter"
+	"time"
+
+	"github.com/shmkit/kshm/example/kitex_gen/echo"
+	"github.com/shmkit/kshm/example/kitex_gen/echo/echoservice"
+)
+
+// result is what measure found at one payload size.
+type result struct {
+	size     int
+	calls    int
+	failures int // errors and wrong responses
+	p50, p99 time.Duration
+	shm      shmCounters // kshm counters' change over the run
+}
+
+// measure calls Echo with payloads of size bytes from concurrency goroutines
+// for about d, and checks every response against its request.
+func measure(ec echoservice.Client, size, concurrency int, d time.Duration) result {
+	const warmup = 3
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex // guards lats and fails
+		lats  []time.Duration
+		fails int
+	)
+	// Warm up (sessions, pools, allocator) outside the counted calls.
+	for w := 0; w < concurrency; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := newCaller(ec, size, w)
+			for i := 0; i < warmup; i++ {
+				c.call()
+			}
+			mu.Lock()
+			fails += c.fails
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+
+	before := readCounters()
+	end := time.Now().Add(d)
+	for w := 0; w < concurrency; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := newCaller(ec, size, w)
+			for time.Now().Before(end) {
+				c.call()
+			}
+			mu.Lock()
+			lats = append(lats, c.lats...)
+			fails += c.fails
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+
+	r := result{size: size, calls: len(lats), failures: fails, shm: readCounters().sub(before)}
+	if len(lats) > 0 {
+		slices.Sort(lats)
+		r.p50 = lats[len(lats)/2]
+		r.p99 = lats[min(len(lats)-1, len(lats)*99/100)]
+	}
+	return r
+}
+
+// lastSeq numbers the measured calls, never twice in a run.
+var lastSeq atomic.Int64
+
+func init() { lastSeq.Store(1 << 32) }
+
+// caller is one goroutine's state: its request, reused from call to call
+// with a new sequence number stamped into the payload.
+type caller struct {
+	ec    echoservice.Client
+	req   echo.EchoRequest
+	lats  []time.Duration
+	fails int
+}
+
+func newCaller(ec echoservice.Client, size, worker int) *caller {
+	c := &caller{ec: ec}
+	c.req.Payload = make([]byte, size)
+	fill(c.req.Payload, int64(size)+int64(worker))
+	return c
+}
+
+func (c *caller) call() {
+	seq := lastSeq.Add(1)
+	c.req.Seq = seq
+	c.req.Message = "echo-" + strconv.FormatInt(seq, 10)
+	stamp(c.req.Payload, seq)
+	start := time.Now()
+	resp, err := c.ec.Echo(context.Background(), &c.req)
+	lat := time.Since(start)
+	switch {
+	case err != nil:
+		c.failf("size %d seq %d: %v", len(c.req.Payload), seq, err)
+	case resp.Seq != c.req.Seq || resp.Message != c.req.Message:
+		c.failf("size %d seq %d: response is for another call (seq %d, message %q)", len(c.req.Payload), seq, resp.Seq, resp.Message)
+	case !bytes.Equal(resp.Payload, c.req.Payload):
+		c.failf("size %d seq %d: payload differs (%d bytes back, first difference at %d)",
+			len(c.req.Payload), seq, len(resp.Payload), firstDiff(resp.Payload, c.req.Payload))
+	default:
+		c.lats = append(c.lats, lat)
+	}
+}
+
+func (c *caller) failf(format string, a ...any) {
+	c.fails++
+	if c.fails <= 3 {
+		fmt.Printf("FAIL "+format+"\n", a...)
+	}
+}
+
+// fill writes a pattern that depends on seed, so that payloads of different
+// calls differ everywhere, not only in their stamps.
+func fill(p []byte, seed int64) {
+	x := uint32(seed)*2654435761 + 1
+	for i := range p {
+		x ^= x << 13
+		x ^= x >> 17
+		x ^= x << 5
+		p[i] = byte(x)
+	}
+}
+
+// stamp writes seq into the first and last 8 bytes of p (as much as fits).
+func stamp(p []byte, seq int64) {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], uint64(seq))
+	copy(p, b[:])
+	if len(p) > 8 {
+		copy(p[max(8, len(p)-8):], b[:])
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+func printTable(w io.Writer, rs []result, concurrency int) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "size\tcalls\tp50\tp99\tshm calls\tfallbacks\tfailures\t\n")
+	for _, r := range rs {
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%d\t%d\t%d\t\n", sizeString(r.size), r.calls,
+			durString(r.p50), durString(r.p99), r.shm.calls, r.shm.fallbacks, r.failures)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "(concurrency %d; shm calls and fallbacks are the client's kshm counters over each run)\n", concurrency)
+}
+
+func sizeString(n int) string {
+	switch {
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", n>>20)
+	case n >= 1<<10 && n%(1<<10) == 0:
+		return fmt.Sprintf("%d KiB", n>>10)
+	}
+	return fmt.Sprintf("%d B", n)
+}
+
+func durString(d time.Duration) string {
+	switch {
+	case d >= time.Millisecond:
+		return fmt.Sprintf("%.2fms", float64(d)/float64(time.Millisecond))
+	default:
+		return fmt.Sprintf("%.1fµs", float64(d)/float64(time.Microsecond))
+	}
+}

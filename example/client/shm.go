@@ -1,0 +1,51 @@
+//go:build kshmwip
+
+package main
+
+import (
+	"fmt"
+
+	"github.com/cloudwego/kitex/client"
+
+	"github.com/shmkit/kshm"
+	"github.com/shmkit/kshm/shm"
+)
+
+// shmClientOption turns the command-line settings into kshm's client option.
+func shmClientOption(socketPath string, regionSize int, wake string) (client.Option, error) {
+	opts := []kshm.Option{kshm.WithSocketPath(socketPath)}
+	if regionSize > 0 {
+		opts = append(opts, kshm.WithRegionSize(regionSize))
+	}
+	if wake != "" {
+		m, err := parseWakeMode(wake)
+		if err != nil {
+			return client.Option{}, err
+		}
+		opts = append(opts, kshm.WithWakeMode(m))
+	}
+	return kshm.WithClientShmIPC(opts...), nil
+}
+
+func parseWakeMode(s string) (shm.WakeMode, error) {
+	for _, m := range []shm.WakeMode{shm.WakeNotify, shm.WakePoll, shm.WakeTimed} {
+		if m.String() == s {
+			return m, nil
+		}
+	}
+	return 0, fmt.Errorf("bad -wake %q: want notify, poll or timed", s)
+}
+
+// shmCounters are the process-wide kshm counters the table reports.
+type shmCounters struct {
+	calls, fallbacks uint64
+}
+
+func readCounters() shmCounters {
+	s := kshm.ReadStats()
+	return shmCounters{calls: uint64(s.Calls), fallbacks: uint64(s.Fallbacks)}
+}
+
+func (c shmCounters) sub(old shmCounters) shmCounters {
+	return shmCounters{calls: c.calls - old.calls, fallbacks: c.fallbacks - old.fallbacks}
+}

@@ -1,0 +1,201 @@
+//go:build kshmwip
+
+// Command run runs the kshm example end to end: it builds the example server
+// and client into a temporary directory, starts the server (TCP on 127.0.0.1,
+// kshm on a unix socket in the temporary directory), waits for it to be
+// ready, runs the client against it, stops the server with SIGTERM and waits
+// for it to exit. It exits 0 only if every step succeeded.
+//
+//	go run ./example/run
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+const (
+	serverPkg = "github.com/shmkit/kshm/example/server"
+	clientPkg = "github.com/shmkit/kshm/example/client"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "run: FAIL:", err)
+		os.Exit(1)
+	}
+	fmt.Println("run: ok")
+}
+
+func run() error {
+	var (
+		duration    = flag.Duration("duration", time.Second, "client: how long to call Echo at each payload size")
+		concurrency = flag.Int("concurrency", 1, "client: concurrent callers")
+		sizes       = flag.String("sizes", "", "client: comma-separated payload sizes in bytes (empty: the client's default)")
+		wake        = flag.String("wake", "", "kshm wake mode for both sides: notify, poll or timed (empty: default)")
+		regionSize  = flag.Int("region-size", 0, "kshm region size in bytes for both sides (0: default)")
+		readyWait   = flag.Duration("ready-timeout", 30*time.Second, "how long to wait for the server to be ready")
+		stopWait    = flag.Duration("stop-timeout", 15*time.Second, "how long to wait for the server to exit after SIGTERM")
+	)
+	flag.Parse()
+
+	dir, err := os.MkdirTemp("", "kshm-example-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+
+	fmt.Println("run: building server and client")
+	build := exec.Command(goCommand(), "build", "-o", dir+string(filepath.Separator), serverPkg, clientPkg)
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		return fmt.Errorf("go build: %w", err)
+	}
+
+	var shared []string
+	if *wake != "" {
+		shared = append(shared, "-wake", *wake)
+	}
+	if *regionSize > 0 {
+		shared = append(shared, "-region-size", fmt.Sprint(*regionSize))
+	}
+
+	socketPath := filepath.Join(dir, "kshm.sock")
+	srv := exec.Command(filepath.Join(dir, "server"),
+		append([]string{"-addr", "127.0.0.1:0", "-socket", socketPath}, shared...)...)
+	srv.Stderr = prefixWriter("server| ", os.Stderr)
+	srvOut, err := srv.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	if err := srv.Start(); err != nil {
+		return fmt.Errorf("start server: %w", err)
+	}
+	srvDone := make(chan error, 1)
+	var exited bool
+	wait := func(timeout time.Duration) error {
+		select {
+		case err := <-srvDone:
+			exited = true
+			return err
+		case <-time.After(timeout):
+			return fmt.Errorf("server still running after %v", timeout)
+		}
+	}
+	// Whatever happens, do not leave the server behind.
+	defer func() {
+		if !exited {
+			_ = srv.Process.Kill()
+			<-srvDone
+		}
+	}()
+
+	ready := make(chan []string, 1)
+	go func() {
+		sc := bufio.NewScanner(srvOut)
+		for sc.Scan() {
+			line := sc.Text()
+			if f := strings.Fields(line); len(f) == 3 && f[0] == "ready" {
+				select {
+				case ready <- f[1:]:
+				default:
+				}
+			}
+			fmt.Fprintln(os.Stderr, "server| "+line)
+		}
+		srvDone <- srv.Wait()
+	}()
+
+	var addrs []string
+	select {
+	case addrs = <-ready:
+	case err := <-srvDone:
+		exited = true
+		return fmt.Errorf("server exited before it was ready: %v", err)
+	case <-time.After(*readyWait):
+		return fmt.Errorf("server not ready after %v", *readyWait)
+	}
+	fmt.Printf("run: server ready: tcp %s, kshm %s\n", addrs[0], addrs[1])
+
+	args := append([]string{"-addr", addrs[0], "-socket", addrs[1],
+		"-duration", duration.String(), "-concurrency", fmt.Sprint(*concurrency)}, shared...)
+	if *sizes != "" {
+		args = append(args, "-sizes", *sizes)
+	}
+	// The client's own limit: every size's duration plus generous slack.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*(*duration)+60*time.Second)
+	defer cancel()
+	cli := exec.CommandContext(ctx, filepath.Join(dir, "client"), args...)
+	cli.Stdout, cli.Stderr = os.Stdout, prefixWriter("client| ", os.Stderr)
+	clientErr := cli.Run()
+
+	if err := srv.Process.Signal(syscall.SIGTERM); err != nil {
+		return fmt.Errorf("signal server: %w", err)
+	}
+	serverErr := wait(*stopWait)
+
+	switch {
+	case clientErr != nil && serverErr != nil:
+		return fmt.Errorf("client: %v; server: %v", clientErr, serverErr)
+	case clientErr != nil:
+		return fmt.Errorf("client: %w", clientErr)
+	case serverErr != nil:
+		return fmt.Errorf("server: %w", serverErr)
+	}
+	if _, err := os.Stat(socketPath); err == nil {
+		fmt.Fprintln(os.Stderr, "run: note: the server left its socket file behind")
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// goCommand is the go command to build with: $GOROOT/bin/go when the go
+// command that runs us exported GOROOT, else "go" from PATH.
+func goCommand() string {
+	if root := os.Getenv("GOROOT"); root != "" {
+		p := filepath.Join(root, "bin", "go")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return "go"
+}
+
+// linePrefixer writes each complete line written to it to w, with prefix in
+// front. Its Write is called from one goroutine (the exec package's copier).
+type linePrefixer struct {
+	prefix string
+	w      io.Writer
+	buf    []byte // the incomplete last line
+}
+
+func prefixWriter(prefix string, w io.Writer) io.Writer {
+	return &linePrefixer{prefix: prefix, w: w}
+}
+
+func (l *linePrefixer) Write(p []byte) (int, error) {
+	l.buf = append(l.buf, p...)
+	for {
+		i := bytes.IndexByte(l.buf, '\n')
+		if i < 0 {
+			break
+		}
+		if _, err := fmt.Fprintf(l.w, "%s%s\n", l.prefix, l.buf[:i]); err != nil {
+			return 0, err
+		}
+		l.buf = l.buf[i+1:]
+	}
+	return len(p), nil
+}

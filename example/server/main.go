@@ -1,0 +1,123 @@
+//go:build kshmwip
+
+// Command server serves the example EchoService and MathService over TCP and,
+// through kshm, over shared memory on a unix socket.
+//
+// When it serves, it prints one line on stdout:
+//
+//	ready <tcp-addr> <socket-path>
+//
+// and it stops gracefully on SIGTERM or SIGINT.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/cloudwego/kitex/pkg/rpcinfo"
+	"github.com/cloudwego/kitex/pkg/transmeta"
+	"github.com/cloudwego/kitex/server"
+
+	"github.com/shmkit/kshm/example/kitex_gen/echo/echoservice"
+	"github.com/shmkit/kshm/example/kitex_gen/echo/mathservice"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "server:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var (
+		addr       = flag.String("addr", "127.0.0.1:0", "TCP `address` to serve on (port 0 picks a free port)")
+		socketPath = flag.String("socket", filepath.Join(os.TempDir(), "kshm-example.sock"), "unix socket `path` kshm listens on")
+		regionSize = flag.Int("region-size", 0, "kshm region size in `bytes` per session side (0: kshm's default)")
+		wakeMode   = flag.String("wake", "", "kshm wake `mode`: notify, poll or timed (empty: kshm's default)")
+		exitWait   = flag.Duration("exit-wait", 3*time.Second, "how long a graceful stop waits for calls in flight")
+	)
+	flag.Parse()
+
+	shmOpt, err := shmServerOption(*socketPath, *regionSize, *wakeMode)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", *addr)
+	if err != nil {
+		return err
+	}
+
+	stop := make(chan error, 1)
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+	go func() {
+		s, ok := <-sigs
+		if ok {
+			fmt.Fprintf(os.Stderr, "server: %v, stopping\n", s)
+		}
+		stop <- nil
+	}()
+
+	eh := &echoHandler{}
+	svr := server.NewServer(
+		server.WithListener(ln),
+		server.WithServerBasicInfo(&rpcinfo.EndpointBasicInfo{ServiceName: "kshm-example"}),
+		server.WithMetaHandler(transmeta.ServerTTHeaderHandler),
+		server.WithCompatibleMiddlewareForUnary(),
+		server.WithExitWaitTime(*exitWait),
+		server.WithExitSignal(func() <-chan error { return stop }),
+		shmOpt,
+	)
+	if err := echoservice.RegisterService(svr, eh); err != nil {
+		return err
+	}
+	if err := mathservice.RegisterService(svr, &mathHandler{}); err != nil {
+		return err
+	}
+
+	// Run blocks until the exit signal; announce readiness once both the TCP
+	// listener and the kshm socket are there.
+	runErr := make(chan error, 1)
+	go func() { runErr <- svr.Run() }()
+	if err := waitSocket(*socketPath, 10*time.Second, runErr); err != nil {
+		_ = svr.Stop()
+		return err
+	}
+	fmt.Printf("ready %s %s\n", ln.Addr(), *socketPath)
+
+	err = <-runErr
+	fmt.Fprintf(os.Stderr, "server: stopped (%d notifications received)\n", eh.notified.Load())
+	return err
+}
+
+// waitSocket waits until path is a unix socket (kshm's listener is up),
+// until timeout, or until the server ends early (its error is returned).
+func waitSocket(path string, timeout time.Duration, runErr chan error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		select {
+		case err := <-runErr:
+			if err == nil {
+				err = errors.New("server ended before it was ready")
+			}
+			return err
+		default:
+		}
+		if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("kshm socket %s did not appear within %v", path, timeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
