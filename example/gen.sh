@@ -10,4 +10,3 @@ go tool -modfile=tools/go.mod kitex \
 	-module github.com/shmkit/kshm \
 	-gen-path example/kitex_gen \
 	example/idl/echo.thrift
-gofmt -l example/kitex_gen >/dev/null
