@@ -1,6 +1,6 @@
 #!/bin/sh
 # Regenerates example/kitex_gen from example/idl/echo.thrift.
-# Run from anywhere; it works from the repository root. The generator (kitex v0.16.3)
+# Works from any directory (it changes to the repository root). The generator (kitex v0.16.3)
 # is pinned in tools/go.mod so it stays out of the root module's requirements.
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
