@@ -1,0 +1,161 @@
+package shm
+
+import (
+	"fmt"
+	"os"
+	"time"
+)
+
+// WakeMode selects how a receiver waits for messages from its peer.
+type WakeMode uint8
+
+const (
+	// WakeNotify (default): the receiver spins briefly, then marks itself
+	// sleeping and blocks; a sender writes to the session socket only when
+	// it sees the receiver sleeping, so under load one wake-up harvests many
+	// messages.
+	WakeNotify WakeMode = iota
+	// WakePoll: the receiver never sleeps. Lowest latency; costs a core per
+	// waiting receiver.
+	WakePoll
+	// WakeTimed: the receiver checks its ring every Config.PollInterval.
+	// Senders never make a syscall.
+	WakeTimed
+)
+
+func (m WakeMode) String() string {
+	switch m {
+	case WakeNotify:
+		return "notify"
+	case WakePoll:
+		return "poll"
+	case WakeTimed:
+		return "timed"
+	}
+	return fmt.Sprintf("WakeMode(%d)", uint8(m))
+}
+
+// Limits of the configuration.
+const (
+	MinRegionSize      = 1 << 20   // 1 MiB
+	MaxRegionSize      = 1 << 40   // 1 TiB; the memory check refuses what the machine cannot back
+	MinBlockSize       = 512       // smallest buffer the allocator hands out
+	MaxSegments        = 8         // buffers per message
+	MinRingEntries     = 64
+	MaxRingEntries     = 1 << 20
+	MinMaxMessageSize  = 4 << 10
+	defaultRegionSize  = 64 << 20
+	defaultMaxMessage  = 4 << 20
+	defaultRingEntries = 4096
+)
+
+// Config is a session's configuration. Start from DefaultConfig and change
+// what you need; Validate reports the first bad setting by name.
+type Config struct {
+	// RegionSize is the size in bytes of the region this side creates:
+	// header, rings, buffer table and payload arena.
+	RegionSize int
+	// MaxMessageSize is the largest buffer Alloc hands out, and the largest
+	// message accepted from the peer. The arena must hold at least one.
+	MaxMessageSize int
+	// RingEntries is the number of descriptors in this side's send ring
+	// (a power of two). It also bounds buffers in flight (MaxBuffers).
+	RingEntries int
+	// MaxBuffers bounds the buffers this side may have handed to the peer
+	// and not yet got back (a per-session quota). 0 means RingEntries.
+	MaxBuffers int
+	// WakeMode is how this side's receiver waits.
+	WakeMode WakeMode
+	// SpinTime is how long a receiver in notify mode polls before it sleeps.
+	SpinTime time.Duration
+	// PollInterval is the check interval in timed mode.
+	PollInterval time.Duration
+	// HandshakeTimeout bounds the whole handshake.
+	HandshakeTimeout time.Duration
+	// AllowedUIDs are the peer uids accepted. Empty means only our own uid.
+	AllowedUIDs []uint32
+	// SocketMode is the permission of the listening socket file.
+	SocketMode os.FileMode
+	// LeakThreshold: a buffer held by the peer longer than this is logged
+	// once as a probable leak. 0 disables the check.
+	LeakThreshold time.Duration
+}
+
+// DefaultConfig returns the default configuration.
+func DefaultConfig() Config {
+	return Config{
+		RegionSize:       defaultRegionSize,
+		MaxMessageSize:   defaultMaxMessage,
+		RingEntries:      defaultRingEntries,
+		WakeMode:         WakeNotify,
+		SpinTime:         20 * time.Microsecond,
+		PollInterval:     time.Millisecond,
+		HandshakeTimeout: 3 * time.Second,
+		SocketMode:       0o600,
+		LeakThreshold:    time.Minute,
+	}
+}
+
+// Validate checks every setting and returns an error wrapping ErrBadConfig
+// that names the first bad one and its allowed range.
+func (c *Config) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: "+format, append([]any{ErrBadConfig}, a...)...)
+	}
+	if c.RegionSize < MinRegionSize || c.RegionSize > MaxRegionSize {
+		return bad("RegionSize %d out of range [%d, %d]", c.RegionSize, MinRegionSize, MaxRegionSize)
+	}
+	if c.RingEntries < MinRingEntries || c.RingEntries > MaxRingEntries || c.RingEntries&(c.RingEntries-1) != 0 {
+		return bad("RingEntries %d must be a power of two in [%d, %d]", c.RingEntries, MinRingEntries, MaxRingEntries)
+	}
+	if c.MaxBuffers < 0 || c.MaxBuffers > c.RingEntries {
+		return bad("MaxBuffers %d out of range [0, RingEntries=%d]", c.MaxBuffers, c.RingEntries)
+	}
+	if c.MaxMessageSize < MinMaxMessageSize {
+		return bad("MaxMessageSize %d below minimum %d", c.MaxMessageSize, MinMaxMessageSize)
+	}
+	if arena := arenaCapacity(c.RegionSize, c.RingEntries, c.maxBuffers()); c.MaxMessageSize > arena {
+		return bad("MaxMessageSize %d larger than the arena (%d bytes) of RegionSize %d; raise RegionSize or lower MaxMessageSize",
+			c.MaxMessageSize, arena, c.RegionSize)
+	}
+	switch c.WakeMode {
+	case WakeNotify, WakePoll, WakeTimed:
+	default:
+		return bad("WakeMode %d unknown (notify, poll or timed)", c.WakeMode)
+	}
+	if c.SpinTime < 0 || c.SpinTime > time.Second {
+		return bad("SpinTime %v out of range [0, 1s]", c.SpinTime)
+	}
+	if c.WakeMode == WakeTimed && (c.PollInterval < time.Microsecond || c.PollInterval > time.Second) {
+		return bad("PollInterval %v out of range [1µs, 1s]", c.PollInterval)
+	}
+	if c.HandshakeTimeout <= 0 || c.HandshakeTimeout > time.Minute {
+		return bad("HandshakeTimeout %v out of range (0, 1m]", c.HandshakeTimeout)
+	}
+	if c.SocketMode&^0o777 != 0 || c.SocketMode&0o600 != 0o600 {
+		return bad("SocketMode %o must be a permission within 0777 that includes 0600", c.SocketMode)
+	}
+	if c.LeakThreshold < 0 {
+		return bad("LeakThreshold %v must not be negative", c.LeakThreshold)
+	}
+	return nil
+}
+
+func (c *Config) maxBuffers() int {
+	if c.MaxBuffers == 0 {
+		return c.RingEntries
+	}
+	return c.MaxBuffers
+}
+
+func (c *Config) allowed(uid uint32) bool {
+	if len(c.AllowedUIDs) == 0 {
+		return uid == uint32(os.Getuid())
+	}
+	for _, u := range c.AllowedUIDs {
+		if u == uid {
+			return true
+		}
+	}
+	return false
+}

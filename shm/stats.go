@@ -1,0 +1,67 @@
+package shm
+
+import "sync/atomic"
+
+// Stats are process-wide counters over every session of this process.
+type Stats struct {
+	Sessions     int64  // open sessions
+	Allocs       uint64 // buffers allocated
+	Frees        uint64 // buffers returned (freed locally or released by the peer)
+	FailedAllocs uint64 // allocations refused (no memory, quota, too large)
+	InUseBuffers int64  // buffers allocated and not yet returned
+	InUseBytes   int64  // bytes of those buffers (block sizes)
+	MsgsSent     uint64
+	MsgsRecv     uint64
+	BytesSent    uint64
+	BytesRecv    uint64
+	WakeupsSent  uint64 // sends that woke the peer through the socket
+	WakeupsSaved uint64 // sends that found the peer awake: no syscall
+	InlineSent   uint64 // messages carried on the socket (fallback)
+	InlineRecv   uint64
+	Corrupt      uint64 // sessions closed for corrupt peer input
+}
+
+// SessionStats are one session's counters.
+type SessionStats struct {
+	Allocs, Frees, FailedAllocs uint64
+	InUseBuffers, InUseBytes    int64
+	PeerHeld                    int64 // our buffers the peer holds now
+	HeldFromPeer                int64 // peer's buffers we hold (received, not released)
+	MsgsSent, MsgsRecv          uint64
+	BytesSent, BytesRecv        uint64
+	WakeupsSent, WakeupsSaved   uint64
+	Sleeps                      uint64
+	InlineSent, InlineRecv      uint64
+	QuotaHits                   uint64
+	ArenaSize, ArenaFree        uint64
+}
+
+var global struct {
+	sessions, inUseBuffers, inUseBytes                           atomic.Int64
+	allocs, frees, failedAllocs                                  atomic.Uint64
+	msgsSent, msgsRecv, bytesSent, bytesRecv                     atomic.Uint64
+	wakeupsSent, wakeupsSaved, inlineSent, inlineRecv, corrupted atomic.Uint64
+}
+
+// ReadStats returns the process-wide counters. Buffers the peer has released
+// but this process has not yet reclaimed count as in use until a session's
+// next allocation or housekeeping pass (at most a few hundred ms).
+func ReadStats() Stats {
+	return Stats{
+		Sessions:     global.sessions.Load(),
+		Allocs:       global.allocs.Load(),
+		Frees:        global.frees.Load(),
+		FailedAllocs: global.failedAllocs.Load(),
+		InUseBuffers: global.inUseBuffers.Load(),
+		InUseBytes:   global.inUseBytes.Load(),
+		MsgsSent:     global.msgsSent.Load(),
+		MsgsRecv:     global.msgsRecv.Load(),
+		BytesSent:    global.bytesSent.Load(),
+		BytesRecv:    global.bytesRecv.Load(),
+		WakeupsSent:  global.wakeupsSent.Load(),
+		WakeupsSaved: global.wakeupsSaved.Load(),
+		InlineSent:   global.inlineSent.Load(),
+		InlineRecv:   global.inlineRecv.Load(),
+		Corrupt:      global.corrupted.Load(),
+	}
+}
