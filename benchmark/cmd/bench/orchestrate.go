@@ -1,0 +1,461 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// A case is one cell of the matrix; each round measures every case once per
+// transport, the transports back to back, so that slow drifts of the
+// machine hit all of them alike.
+type benchCase struct {
+	layer   string
+	size    int
+	conc    int // concurrent calls per client process
+	clients int // client processes
+	scale   bool
+}
+
+type settings struct {
+	rounds           int
+	warmup, duration time.Duration
+	sizes            []int
+	engineConcs      []int
+	kitexConcs       []int
+	scaleClients     []int
+	scaleSize        int
+	scaleConc        int
+}
+
+func modeSettings(o options) (settings, error) {
+	all := []int{64, 1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20}
+	var s settings
+	switch o.mode {
+	case "quick":
+		s = settings{rounds: 3, warmup: 30 * time.Millisecond, duration: 100 * time.Millisecond,
+			sizes: all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16},
+			scaleClients: nil, scaleSize: 1 << 10, scaleConc: 4}
+	case "full":
+		s = settings{rounds: 5, warmup: 200 * time.Millisecond, duration: time.Second,
+			sizes: all, engineConcs: []int{1, 16, 64}, kitexConcs: []int{1, 16, 64},
+			scaleClients: []int{1, 4, 16}, scaleSize: 1 << 10, scaleConc: 4}
+	case "custom":
+		s = settings{rounds: 3, warmup: 100 * time.Millisecond, duration: 500 * time.Millisecond,
+			sizes: all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16}, scaleSize: 1 << 10, scaleConc: 4}
+	default:
+		return s, fmt.Errorf("unknown -mode %q (quick, full or custom)", o.mode)
+	}
+	if o.rounds > 0 {
+		s.rounds = o.rounds
+	}
+	if o.warmup > 0 {
+		s.warmup = o.warmup
+	}
+	if o.duration > 0 {
+		s.duration = o.duration
+	}
+	if len(o.sizes) > 0 {
+		s.sizes = o.sizes
+	}
+	if len(o.concs) > 0 {
+		s.engineConcs, s.kitexConcs = o.concs, o.concs
+	}
+	if len(o.scale) > 0 {
+		s.scaleClients = nil
+		for _, n := range o.scale {
+			if n > 0 {
+				s.scaleClients = append(s.scaleClients, n)
+			}
+		}
+	}
+	for _, n := range s.sizes {
+		if n < minSize {
+			return s, fmt.Errorf("size %d below the minimum %d", n, minSize)
+		}
+	}
+	return s, nil
+}
+
+// roundResult is one measurement of one case over one transport.
+type roundResult struct {
+	calls                     uint64
+	p50, p99, p999, max       float64 // µs
+	qps                       float64
+	cpu, clientCPU, serverCPU float64 // µs per call
+	allocs, serverAllocs      float64 // per call
+	serverRSS, serverShmem    float64 // KiB
+	clientRSS                 float64 // KiB per client process
+}
+
+type orchestrator struct {
+	self    string
+	dir     string
+	set     settings
+	seq     int
+	started time.Time
+	total   int
+	done    int
+}
+
+func orchestrate(o options) error {
+	set, err := modeSettings(o)
+	if err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	out := o.out
+	if out == "" {
+		out = filepath.Join("results", o.mode+".json")
+	}
+	dir, err := os.MkdirTemp("", "kshm-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+
+	want := map[string]bool{}
+	for _, t := range o.transports {
+		want[t] = true
+	}
+	layerOn := map[string]bool{}
+	for _, l := range o.layers {
+		layerOn[l] = true
+	}
+	var defs []transportDef
+	for _, d := range allTransports() {
+		if layerOn[d.layer] && (len(want) == 0 || want[d.name] || want[d.id()]) {
+			defs = append(defs, d)
+		}
+	}
+	if len(defs) == 0 {
+		return fmt.Errorf("no transport selected")
+	}
+	byLayer := map[string][]transportDef{}
+	for _, d := range defs {
+		byLayer[d.layer] = append(byLayer[d.layer], d)
+	}
+
+	var cases []benchCase
+	for _, layer := range []string{"engine", "kitex"} {
+		concs := set.engineConcs
+		if layer == "kitex" {
+			concs = set.kitexConcs
+		}
+		if len(byLayer[layer]) == 0 {
+			continue
+		}
+		for _, size := range set.sizes {
+			for _, c := range concs {
+				cases = append(cases, benchCase{layer: layer, size: size, conc: c, clients: 1})
+			}
+		}
+	}
+	if len(byLayer["engine"]) > 0 {
+		for _, n := range set.scaleClients {
+			cases = append(cases, benchCase{layer: "engine", size: set.scaleSize, conc: set.scaleConc, clients: n, scale: true})
+		}
+	}
+
+	or := &orchestrator{self: self, dir: dir, set: set, started: time.Now()}
+	for _, c := range cases {
+		or.total += len(byLayer[c.layer]) * set.rounds
+	}
+	meta := machineInfo()
+	fmt.Fprintf(os.Stderr, "bench: mode %s, %d rounds x %d measurements, %v warm-up + %v each; %s, %d cpus, go %s\n",
+		o.mode, set.rounds, or.total/set.rounds, set.warmup, set.duration, meta.CPU, meta.Cores, meta.Go)
+
+	type key struct {
+		id   string
+		c    benchCase
+	}
+	results := map[key][]roundResult{}
+	failures := map[key][]string{}
+	var order []key
+	for round := 0; round < set.rounds; round++ {
+		for _, c := range cases {
+			ts := byLayer[c.layer]
+			for i := range ts {
+				d := ts[(i+round)%len(ts)] // rotate the order from round to round
+				k := key{d.id(), c}
+				if round == 0 && i == 0 {
+					// keep the report order: case by case, transports in list order
+					for _, t := range ts {
+						order = append(order, key{t.id(), c})
+					}
+				}
+				r, err := or.measure(d, c)
+				or.done++
+				if err != nil {
+					failures[k] = append(failures[k], err.Error())
+					fmt.Fprintf(os.Stderr, "%s FAILED: %v\n", or.prefix(round, d, c), err)
+					continue
+				}
+				results[k] = append(results[k], r)
+				fmt.Fprintf(os.Stderr, "%s p50 %s p99 %s %s/s cpu %.1fµs/call allocs %.1f%s\n",
+					or.prefix(round, d, c), fmtUs(r.p50), fmtUs(r.p99), fmtCount(r.qps), r.cpu, r.allocs, or.eta())
+			}
+		}
+		var recs []record
+		for _, k := range order {
+			d, _ := findTransport(k.id)
+			recs = append(recs, aggregate(d, k.c, results[k], failures[k], meta))
+		}
+		if err := writeJSON(out, recs); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(os.Stderr, "bench: wrote %s (%d records) in %v\n", out, len(order), time.Since(or.started).Round(time.Second))
+	return nil
+}
+
+func (or *orchestrator) prefix(round int, d transportDef, c benchCase) string {
+	cl := ""
+	if c.scale {
+		cl = fmt.Sprintf(" x%dproc", c.clients)
+	}
+	return fmt.Sprintf("[%3d/%d r%d/%d] %-6s %-11s %7s c%-2d%s:", or.done, or.total, round+1, or.set.rounds,
+		d.layer, d.name, sizeName(c.size), c.conc, cl)
+}
+
+func (or *orchestrator) eta() string {
+	el := time.Since(or.started)
+	if or.done == 0 {
+		return ""
+	}
+	left := time.Duration(float64(el) / float64(or.done) * float64(or.total-or.done))
+	return fmt.Sprintf("  | %v elapsed, ~%v left", el.Round(time.Second), left.Round(time.Second))
+}
+
+func fmtUs(us float64) string {
+	switch {
+	case us >= 10000:
+		return fmt.Sprintf("%.1fms", us/1000)
+	case us >= 100:
+		return fmt.Sprintf("%.0fµs", us)
+	}
+	return fmt.Sprintf("%.1fµs", us)
+}
+
+func fmtCount(v float64) string {
+	switch {
+	case v >= 1e6:
+		return fmt.Sprintf("%.2fM", v/1e6)
+	case v >= 1e3:
+		return fmt.Sprintf("%.1fk", v/1e3)
+	}
+	return fmt.Sprintf("%.0f", v)
+}
+
+// address returns where the server of the next measurement listens.
+func (or *orchestrator) address(d transportDef) (string, error) {
+	or.seq++
+	if !d.tcp {
+		return filepath.Join(or.dir, fmt.Sprintf("s%d.sock", or.seq)), nil
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	addr := ln.Addr().String()
+	return addr, ln.Close()
+}
+
+type serverSample struct {
+	at            time.Time
+	cpu           int64
+	mallocs       uint64
+	errors        int
+	rss, shmem    int64
+}
+
+func queryServer(s *child) (serverSample, error) {
+	t0 := time.Now()
+	if err := s.send("q"); err != nil {
+		return serverSample{}, s.failure("control write failed: " + err.Error())
+	}
+	line, err := s.recv(10 * time.Second)
+	if err != nil {
+		return serverSample{}, err
+	}
+	t1 := time.Now()
+	var v serverSample
+	if _, err := fmt.Sscanf(line, "u %d %d %d %d %d", &v.cpu, &v.mallocs, &v.errors, &v.rss, &v.shmem); err != nil {
+		return v, fmt.Errorf("server said %q: %v", line, err)
+	}
+	v.at = t0.Add(t1.Sub(t0) / 2)
+	return v, nil
+}
+
+// measure runs one case over one transport: a fresh server process, fresh
+// client processes, warm-up, then a window in which both sides' CPU time
+// and the client's latencies are taken while calls keep flowing.
+func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, err error) {
+	addr, err := or.address(d)
+	if err != nil {
+		return res, err
+	}
+	common := []string{"-transport", d.id(), "-sock", addr, "-size", strconv.Itoa(c.size)}
+	srv, err := startChild("server", or.self, append([]string{"-role", "server", "-conc", strconv.Itoa(c.conc * c.clients)}, common...)...)
+	if err != nil {
+		return res, err
+	}
+	var clients []*child
+	defer func() {
+		if err != nil {
+			for _, cl := range clients {
+				cl.kill()
+			}
+			srv.kill()
+		}
+	}()
+	if err = srv.expect("ready", 20*time.Second); err != nil {
+		return res, err
+	}
+	for i := 0; i < c.clients; i++ {
+		args := append([]string{"-role", "client", "-conc", strconv.Itoa(c.conc),
+			"-warmup", or.set.warmup.String(), "-duration", or.set.duration.String()}, common...)
+		cl, err := startChild(fmt.Sprintf("client %d", i), or.self, args...)
+		if err != nil {
+			return res, err
+		}
+		clients = append(clients, cl)
+	}
+	for _, cl := range clients {
+		if err = cl.expect("warm", 30*time.Second+or.set.warmup); err != nil {
+			return res, err
+		}
+	}
+	s0, err := queryServer(srv)
+	if err != nil {
+		return res, err
+	}
+	for _, cl := range clients {
+		if err = cl.send("go"); err != nil {
+			return res, cl.failure(err.Error())
+		}
+	}
+	for _, cl := range clients {
+		if err = cl.expect("end", 30*time.Second+or.set.duration); err != nil {
+			return res, err
+		}
+	}
+	s1, err := queryServer(srv)
+	if err != nil {
+		return res, err
+	}
+	for _, cl := range clients {
+		if err = cl.send("stop"); err != nil {
+			return res, cl.failure(err.Error())
+		}
+	}
+	var h hist
+	var window, clientCPU int64
+	var clientMallocs uint64
+	var clientRSS float64
+	for _, cl := range clients {
+		line, err := cl.recv(30 * time.Second)
+		if err != nil {
+			return res, err
+		}
+		js, ok := strings.CutPrefix(line, "result ")
+		if !ok {
+			return res, fmt.Errorf("%s said %q, want a result", cl.name, line)
+		}
+		var r clientResult
+		if err := json.Unmarshal([]byte(js), &r); err != nil {
+			return res, err
+		}
+		for _, b := range r.Hist {
+			if b[0] < uint64(len(h.counts)) {
+				h.counts[b[0]] += b[1]
+				h.n += b[1]
+			}
+		}
+		if uint64(r.MaxNs) > h.max {
+			h.max = uint64(r.MaxNs)
+		}
+		window = max(window, r.WindowNs)
+		clientCPU += r.CPUNs
+		clientMallocs += r.Mallocs
+		clientRSS += float64(r.RSSKiB) / float64(c.clients)
+	}
+	for _, cl := range clients {
+		if err = cl.stop(10 * time.Second); err != nil {
+			return res, err
+		}
+	}
+	if err = srv.stop(10 * time.Second); err != nil {
+		return res, err
+	}
+	if s1.errors > 0 {
+		return res, fmt.Errorf("server reported %d errors; its output ends:\n%s", s1.errors, indent(srv.logs.String()))
+	}
+	if h.n == 0 || window <= 0 {
+		return res, fmt.Errorf("no call completed in the %v window", or.set.duration)
+	}
+	// The server's window (between its two samples) is a little longer than
+	// the clients'; calls flow during both, so scale its CPU time to the
+	// clients' window.
+	scale := float64(window) / float64(s1.at.Sub(s0.at).Nanoseconds())
+	if scale > 1 {
+		scale = 1
+	}
+	calls := float64(h.n)
+	serverCPU := float64(s1.cpu-s0.cpu) * scale
+	res = roundResult{
+		calls: h.n,
+		p50:   h.quantile(0.5) / 1e3, p99: h.quantile(0.99) / 1e3, p999: h.quantile(0.999) / 1e3, max: float64(h.max) / 1e3,
+		qps:          calls / (float64(window) / 1e9),
+		clientCPU:    float64(clientCPU) / calls / 1e3,
+		serverCPU:    serverCPU / calls / 1e3,
+		allocs:       float64(clientMallocs) / calls,
+		serverAllocs: float64(s1.mallocs-s0.mallocs) * scale / calls,
+		serverRSS:    float64(s1.rss),
+		serverShmem:  float64(s1.shmem),
+		clientRSS:    clientRSS,
+	}
+	res.cpu = res.clientCPU + res.serverCPU
+	return res, nil
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// spread is (max-min)/median of the rounds, as a fraction.
+func spread(v []float64) float64 {
+	m := median(v)
+	if len(v) < 2 || m == 0 {
+		return 0
+	}
+	lo, hi := v[0], v[0]
+	for _, x := range v {
+		lo, hi = min(lo, x), max(hi, x)
+	}
+	return round3((hi - lo) / m)
+}
+
+func round3(v float64) float64 {
+	s := strconv.FormatFloat(v, 'g', 4, 64)
+	f, _ := strconv.ParseFloat(s, 64)
+	return f
+}

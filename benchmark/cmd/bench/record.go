@@ -1,0 +1,161 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+)
+
+// record is one line of results/*.json: the medians over the rounds of one
+// case over one transport, with their spread.
+type record struct {
+	Layer       string `json:"layer"`
+	Transport   string `json:"transport"`
+	Size        int    `json:"size"`
+	Concurrency int    `json:"concurrency"` // concurrent calls, all client processes together
+	Clients     int    `json:"clients"`     // client processes (1, except in the scale case)
+	Scale       bool   `json:"scale,omitempty"`
+
+	P50US        float64 `json:"p50_us"`
+	P99US        float64 `json:"p99_us"`
+	P999US       float64 `json:"p999_us"`
+	QPS          float64 `json:"qps"`
+	CPUUSPerCall float64 `json:"cpu_us_per_call"` // both processes, user+system (rusage)
+	// AllocsPerCall counts the client process's heap allocations
+	// (runtime.MemStats.Mallocs) per call.
+	AllocsPerCall       float64 `json:"allocs_per_call"`
+	ClientCPUUSPerCall  float64 `json:"client_cpu_us_per_call"`
+	ServerCPUUSPerCall  float64 `json:"server_cpu_us_per_call"`
+	ServerAllocsPerCall float64 `json:"server_allocs_per_call"`
+	ServerRSSKiB        float64 `json:"server_rss_kib"`
+	ServerShmemKiB      float64 `json:"server_shmem_kib"` // RssShmem: shared memory resident in the server
+	ClientRSSKiB        float64 `json:"client_rss_kib"`   // per client process
+
+	// Spreads are (max-min)/median over the rounds, as fractions.
+	P50Spread float64   `json:"p50_spread"`
+	P99Spread float64   `json:"p99_spread"`
+	QPSSpread float64   `json:"qps_spread"`
+	CPUSpread float64   `json:"cpu_spread"`
+	P50Rounds []float64 `json:"p50_us_rounds"`
+	QPSRounds []float64 `json:"qps_rounds"`
+	CPURounds []float64 `json:"cpu_us_per_call_rounds"`
+	Rounds    int       `json:"rounds"`
+	Calls     uint64    `json:"calls"` // measured calls, all rounds together
+	Errors    []string  `json:"errors,omitempty"`
+
+	Machine machine `json:"machine"`
+	Date    string  `json:"date"`
+	Commit  string  `json:"commit"`
+}
+
+type machine struct {
+	CPU      string `json:"cpu"`
+	Cores    int    `json:"cores"`
+	MemKiB   int64  `json:"mem_kib"`
+	Kernel   string `json:"kernel"`
+	Go       string `json:"go"`
+	OS       string `json:"os"`
+	Arch     string `json:"arch"`
+	Date     string `json:"-"`
+	Commit   string `json:"-"`
+}
+
+func machineInfo() machine {
+	m := machine{Cores: runtime.NumCPU(), Go: runtime.Version(), OS: runtime.GOOS, Arch: runtime.GOARCH,
+		Date: time.Now().UTC().Format(time.RFC3339)}
+	if f, err := os.Open("/proc/cpuinfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+		f.Close()
+	}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = strings.TrimSpace(string(b))
+	}
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "MemTotal:"); ok {
+				v = strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB"))
+				for _, ch := range v {
+					m.MemKiB = m.MemKiB*10 + int64(ch-'0')
+				}
+			}
+		}
+	}
+	m.Commit = "unknown"
+	if out, err := exec.Command("git", "rev-parse", "HEAD").Output(); err == nil {
+		m.Commit = strings.TrimSpace(string(out))
+		if st, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(st) > 0 {
+			m.Commit += "-dirty"
+		}
+	}
+	return m
+}
+
+func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m machine) record {
+	rec := record{
+		Layer: d.layer, Transport: d.name, Size: c.size, Concurrency: c.conc * c.clients, Clients: c.clients,
+		Scale: c.scale, Rounds: len(rs), Errors: errs, Machine: m, Date: m.Date, Commit: m.Commit,
+		P50Rounds: []float64{}, QPSRounds: []float64{}, CPURounds: []float64{},
+	}
+	col := func(f func(r roundResult) float64) []float64 {
+		v := make([]float64, len(rs))
+		for i, r := range rs {
+			v[i] = f(r)
+		}
+		return v
+	}
+	med := func(f func(r roundResult) float64) float64 { return round3(median(col(f))) }
+	if len(rs) == 0 {
+		return rec
+	}
+	rec.P50US = med(func(r roundResult) float64 { return r.p50 })
+	rec.P99US = med(func(r roundResult) float64 { return r.p99 })
+	rec.P999US = med(func(r roundResult) float64 { return r.p999 })
+	rec.QPS = med(func(r roundResult) float64 { return r.qps })
+	rec.CPUUSPerCall = med(func(r roundResult) float64 { return r.cpu })
+	rec.AllocsPerCall = med(func(r roundResult) float64 { return r.allocs })
+	rec.ClientCPUUSPerCall = med(func(r roundResult) float64 { return r.clientCPU })
+	rec.ServerCPUUSPerCall = med(func(r roundResult) float64 { return r.serverCPU })
+	rec.ServerAllocsPerCall = med(func(r roundResult) float64 { return r.serverAllocs })
+	rec.ServerRSSKiB = med(func(r roundResult) float64 { return r.serverRSS })
+	rec.ServerShmemKiB = med(func(r roundResult) float64 { return r.serverShmem })
+	rec.ClientRSSKiB = med(func(r roundResult) float64 { return r.clientRSS })
+	p50 := col(func(r roundResult) float64 { return r.p50 })
+	qps := col(func(r roundResult) float64 { return r.qps })
+	cpu := col(func(r roundResult) float64 { return r.cpu })
+	rec.P50Spread, rec.QPSSpread, rec.CPUSpread = spread(p50), spread(qps), spread(cpu)
+	rec.P99Spread = spread(col(func(r roundResult) float64 { return r.p99 }))
+	for i := range rs {
+		rec.P50Rounds = append(rec.P50Rounds, round3(p50[i]))
+		rec.QPSRounds = append(rec.QPSRounds, round3(qps[i]))
+		rec.CPURounds = append(rec.CPURounds, round3(cpu[i]))
+		rec.Calls += rs[i].calls
+	}
+	return rec
+}
+
+// writeJSON replaces path atomically with the records.
+func writeJSON(path string, recs []record) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(recs, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}

@@ -1,0 +1,232 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Control protocol between the orchestrator and its children, one line each
+// way: the child reads its stdin and writes to file descriptor 3 (so that
+// whatever a library prints on stdout cannot be mistaken for control):
+//
+//	server: "ready"; orchestrator: "q" -> "u <cpu_ns> <mallocs> <errors> <rss_kib> <shmem_kib>"
+//	client: "warm" -> "go"; "end" -> "stop"; then "result <json>" (or "error <text>" at any time)
+
+// cpuNanos is this process's user+system time from getrusage.
+func cpuNanos() int64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return ru.Utime.Nano() + ru.Stime.Nano()
+}
+
+func mallocs() uint64 {
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.Mallocs
+}
+
+// controlOut is the child's end of the control channel.
+func controlOut() *os.File { return os.NewFile(3, "control") }
+
+func runServer(o options) error {
+	ctl := controlOut()
+	def, err := findTransport(o.transport)
+	if err != nil {
+		return err
+	}
+	var fails firstError
+	srv, err := def.serve(params{sock: o.sock, size: o.size, conc: o.conc}, func(err error) {
+		fails.set(err)
+		fmt.Fprintf(os.Stderr, "bench server %s: %v\n", def.id(), err)
+	})
+	if err != nil {
+		return fmt.Errorf("%s server: %w", def.id(), err)
+	}
+	fmt.Fprintln(ctl, "ready")
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		switch in.Text() {
+		case "q":
+			_, n := fails.get()
+			rss, shmem := memKiB()
+			fmt.Fprintf(ctl, "u %d %d %d %d %d\n", cpuNanos(), mallocs(), n, rss, shmem)
+		case "quit":
+			return srv.close()
+		}
+	}
+	return srv.close()
+}
+
+// clientResult is what a client child reports for its measurement window.
+type clientResult struct {
+	Calls    uint64  `json:"calls"`
+	WindowNs int64   `json:"window_ns"`
+	P50Ns    float64 `json:"p50_ns"`
+	P99Ns    float64 `json:"p99_ns"`
+	P999Ns   float64 `json:"p999_ns"`
+	MaxNs    float64 `json:"max_ns"`
+	CPUNs    int64   `json:"cpu_ns"`
+	Mallocs  uint64  `json:"mallocs"`
+	RSSKiB   int64   `json:"rss_kib"`
+	// Hist is the latency histogram as (bucket, count) pairs, so the
+	// orchestrator can merge the clients of the scale case exactly.
+	Hist [][2]uint64 `json:"hist"`
+}
+
+// memKiB reads this process's resident and resident-shared-memory sizes.
+func memKiB() (rss, shmem int64) {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0, 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		var v int64
+		if _, err := fmt.Sscanf(line, "VmRSS: %d kB", &v); err == nil {
+			rss = v
+		} else if _, err := fmt.Sscanf(line, "RssShmem: %d kB", &v); err == nil {
+			shmem = v
+		}
+	}
+	return rss, shmem
+}
+
+func runClient(o options) error {
+	def, err := findTransport(o.transport)
+	if err != nil {
+		return err
+	}
+	ctl := controlOut()
+	in := bufio.NewScanner(os.Stdin)
+	expect := func(want string) error {
+		if !in.Scan() {
+			return fmt.Errorf("control channel closed waiting for %q", want)
+		}
+		if got := in.Text(); got != want {
+			return fmt.Errorf("control: got %q, want %q", got, want)
+		}
+		return nil
+	}
+	report := func(err error) error {
+		fmt.Fprintf(ctl, "error %s\n", strings.ReplaceAll(err.Error(), "\n", " "))
+		return err
+	}
+
+	p := params{sock: o.sock, size: o.size, conc: o.conc}
+	cs, err := def.dial(p)
+	if err != nil {
+		return report(fmt.Errorf("%s dial: %w", def.id(), err))
+	}
+	defer cs.close()
+	callers := make([]caller, o.conc)
+	for i := range callers {
+		if callers[i], err = cs.newCaller(i); err != nil {
+			return report(fmt.Errorf("%s caller %d: %w", def.id(), i, err))
+		}
+	}
+
+	const (
+		phaseWarm = iota
+		phaseMeasure
+		phaseCool
+		phaseStop
+	)
+	var phase atomic.Int32
+	var seq atomic.Uint64
+	var fails firstError
+	failed := make(chan struct{})
+	var failOnce sync.Once
+	hists := make([]*hist, o.conc)
+	var wg sync.WaitGroup
+	for i := range callers {
+		hists[i] = new(hist)
+		wg.Add(1)
+		go func(c caller, h *hist) {
+			defer wg.Done()
+			for phase.Load() != phaseStop {
+				s := seq.Add(1)
+				t0 := time.Now()
+				err := c.call(s)
+				d := time.Since(t0)
+				if err != nil {
+					fails.set(err)
+					failOnce.Do(func() { close(failed) })
+					return
+				}
+				// A call counts in the window it completes in.
+				if phase.Load() == phaseMeasure {
+					h.record(int64(d))
+				}
+			}
+		}(callers[i], hists[i])
+	}
+	stop := func() {
+		phase.Store(phaseStop)
+		wg.Wait()
+	}
+	sleep := func(d time.Duration) error {
+		select {
+		case <-time.After(d):
+			return nil
+		case <-failed:
+			stop()
+			err, _ := fails.get()
+			return err
+		}
+	}
+
+	if err := sleep(o.warmup); err != nil {
+		return report(err)
+	}
+	fmt.Fprintln(ctl, "warm")
+	if err := expect("go"); err != nil {
+		stop()
+		return err
+	}
+	m0, c0, t0 := mallocs(), cpuNanos(), time.Now()
+	phase.Store(phaseMeasure)
+	if err := sleep(o.duration); err != nil {
+		return report(err)
+	}
+	phase.Store(phaseCool)
+	t1, c1, m1 := time.Now(), cpuNanos(), mallocs()
+	fmt.Fprintln(ctl, "end")
+	if err := expect("stop"); err != nil {
+		stop()
+		return err
+	}
+	stop()
+	if err, _ := fails.get(); err != nil {
+		return report(err)
+	}
+	var h hist
+	for _, x := range hists {
+		h.merge(x)
+	}
+	res := clientResult{
+		Calls: h.n, WindowNs: t1.Sub(t0).Nanoseconds(),
+		P50Ns: h.quantile(0.50), P99Ns: h.quantile(0.99), P999Ns: h.quantile(0.999), MaxNs: float64(h.max),
+		CPUNs: c1 - c0, Mallocs: m1 - m0,
+	}
+	res.RSSKiB, _ = memKiB()
+	for i, n := range h.counts {
+		if n != 0 {
+			res.Hist = append(res.Hist, [2]uint64{uint64(i), n})
+		}
+	}
+	b, err := json.Marshal(res)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(ctl, "result %s\n", b)
+	return nil
+}
