@@ -33,6 +33,7 @@ type options struct {
 	warmup     time.Duration
 	duration   time.Duration
 	rounds     int
+	minCalls   int
 	sizes      []int
 	concs      []int
 	layers     []string
@@ -52,6 +53,7 @@ func main() {
 	flag.IntVar(&o.conc, "conc", 1, "internal: concurrent calls of the client")
 	flag.DurationVar(&o.warmup, "warmup", 0, "warm-up per measurement (default by mode)")
 	flag.DurationVar(&o.duration, "duration", 0, "measured time per measurement (default by mode)")
+	flag.IntVar(&o.minCalls, "mincalls", 0, "calls a measurement window must hold at least (it grows up to 10x -duration; default by mode)")
 	flag.IntVar(&o.rounds, "rounds", 0, "rounds; each runs every case once per transport (default by mode)")
 	flag.StringVar(&sizes, "sizes", "", "comma-separated payload sizes, e.g. 64,1K,4M (default by mode)")
 	flag.StringVar(&concs, "concs", "", "comma-separated concurrencies (default by mode)")

@@ -25,6 +25,7 @@ type benchCase struct {
 
 type settings struct {
 	rounds           int
+	minCalls         int
 	warmup, duration time.Duration
 	sizes            []int
 	engineConcs      []int
@@ -39,21 +40,24 @@ func modeSettings(o options) (settings, error) {
 	var s settings
 	switch o.mode {
 	case "quick":
-		s = settings{rounds: 3, warmup: 30 * time.Millisecond, duration: 100 * time.Millisecond,
+		s = settings{rounds: 3, minCalls: 20, warmup: 30 * time.Millisecond, duration: 100 * time.Millisecond,
 			sizes: all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16},
 			scaleClients: nil, scaleSize: 1 << 10, scaleConc: 4}
 	case "full":
-		s = settings{rounds: 5, warmup: 200 * time.Millisecond, duration: time.Second,
+		s = settings{rounds: 5, minCalls: 200, warmup: 200 * time.Millisecond, duration: time.Second,
 			sizes: all, engineConcs: []int{1, 16, 64}, kitexConcs: []int{1, 16, 64},
 			scaleClients: []int{1, 4, 16}, scaleSize: 1 << 10, scaleConc: 4}
 	case "custom":
-		s = settings{rounds: 3, warmup: 100 * time.Millisecond, duration: 500 * time.Millisecond,
+		s = settings{rounds: 3, minCalls: 50, warmup: 100 * time.Millisecond, duration: 500 * time.Millisecond,
 			sizes: all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16}, scaleSize: 1 << 10, scaleConc: 4}
 	default:
 		return s, fmt.Errorf("unknown -mode %q (quick, full or custom)", o.mode)
 	}
 	if o.rounds > 0 {
 		s.rounds = o.rounds
+	}
+	if o.minCalls > 0 {
+		s.minCalls = o.minCalls
 	}
 	if o.warmup > 0 {
 		s.warmup = o.warmup
@@ -175,8 +179,8 @@ func orchestrate(o options) error {
 		o.mode, set.rounds, or.total/set.rounds, set.warmup, set.duration, meta.CPU, meta.Cores, meta.Go)
 
 	type key struct {
-		id   string
-		c    benchCase
+		id string
+		c  benchCase
 	}
 	results := map[key][]roundResult{}
 	failures := map[key][]string{}
@@ -271,11 +275,11 @@ func (or *orchestrator) address(d transportDef) (string, error) {
 }
 
 type serverSample struct {
-	at            time.Time
-	cpu           int64
-	mallocs       uint64
-	errors        int
-	rss, shmem    int64
+	at         time.Time
+	cpu        int64
+	mallocs    uint64
+	errors     int
+	rss, shmem int64
 }
 
 func queryServer(s *child) (serverSample, error) {
@@ -323,7 +327,8 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 	}
 	for i := 0; i < c.clients; i++ {
 		args := append([]string{"-role", "client", "-conc", strconv.Itoa(c.conc),
-			"-warmup", or.set.warmup.String(), "-duration", or.set.duration.String()}, common...)
+			"-warmup", or.set.warmup.String(), "-duration", or.set.duration.String(),
+			"-mincalls", strconv.Itoa(or.set.minCalls)}, common...)
 		cl, err := startChild(fmt.Sprintf("client %d", i), or.self, args...)
 		if err != nil {
 			return res, err
@@ -345,7 +350,7 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		}
 	}
 	for _, cl := range clients {
-		if err = cl.expect("end", 30*time.Second+or.set.duration); err != nil {
+		if err = cl.expect("end", 30*time.Second+10*or.set.duration); err != nil {
 			return res, err
 		}
 	}

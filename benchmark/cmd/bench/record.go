@@ -54,15 +54,15 @@ type record struct {
 }
 
 type machine struct {
-	CPU      string `json:"cpu"`
-	Cores    int    `json:"cores"`
-	MemKiB   int64  `json:"mem_kib"`
-	Kernel   string `json:"kernel"`
-	Go       string `json:"go"`
-	OS       string `json:"os"`
-	Arch     string `json:"arch"`
-	Date     string `json:"-"`
-	Commit   string `json:"-"`
+	CPU    string `json:"cpu"`
+	Cores  int    `json:"cores"`
+	MemKiB int64  `json:"mem_kib"`
+	Kernel string `json:"kernel"`
+	Go     string `json:"go"`
+	OS     string `json:"os"`
+	Arch   string `json:"arch"`
+	Date   string `json:"-"`
+	Commit string `json:"-"`
 }
 
 func machineInfo() machine {

@@ -141,7 +141,7 @@ func runClient(o options) error {
 		phaseStop
 	)
 	var phase atomic.Int32
-	var seq atomic.Uint64
+	var seq, measured atomic.Uint64
 	var fails firstError
 	failed := make(chan struct{})
 	var failOnce sync.Once
@@ -165,6 +165,7 @@ func runClient(o options) error {
 				// A call counts in the window it completes in.
 				if phase.Load() == phaseMeasure {
 					h.record(int64(d))
+					measured.Add(1)
 				}
 			}
 		}(callers[i], hists[i])
@@ -196,6 +197,13 @@ func runClient(o options) error {
 	phase.Store(phaseMeasure)
 	if err := sleep(o.duration); err != nil {
 		return report(err)
+	}
+	// Slow cases (megabytes at high concurrency) stay in the window until
+	// enough calls completed, up to ten times the duration.
+	for measured.Load() < uint64(o.minCalls) && time.Since(t0) < 10*o.duration {
+		if err := sleep(o.duration / 10); err != nil {
+			return report(err)
+		}
 	}
 	phase.Store(phaseCool)
 	t1, c1, m1 := time.Now(), cpuNanos(), mallocs()
