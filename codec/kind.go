@@ -1,0 +1,19 @@
+package codec
+
+// Message kinds used by kshm's Kitex transport (shm.Message.Kind). The
+// message id (shm.Message.ID) is the call id, unique within a session for its
+// whole life; Aux is the virtual connection id.
+const (
+	// KindRequest carries one Kitex request (client to server).
+	KindRequest uint16 = 1
+	// KindResponse carries the response to the request with the same id
+	// (server to client).
+	KindResponse uint16 = 2
+	// KindCloseConn tells the server that the client closed the virtual
+	// connection Aux: the server finishes what it has queued for it, then
+	// ends it (OnInactive). Carries no payload.
+	KindCloseConn uint16 = 3
+	// KindGoAway tells the client that the server is shutting down: take no
+	// new virtual connections on this session. Carries no payload.
+	KindGoAway uint16 = 4
+)

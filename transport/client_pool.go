@@ -1,0 +1,279 @@
+package transport
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cloudwego/kitex/pkg/klog"
+	"github.com/cloudwego/kitex/pkg/remote"
+
+	"github.com/shmkit/kshm/shm"
+)
+
+// ClientPool is a Kitex connection pool that hands out virtual connections
+// over a few shm sessions to one socket path, and connections of a fallback
+// pool (Kitex's netpoll transport to the address Kitex resolved) when no
+// session can be had. Dead sessions are re-established in the background
+// with exponential backoff; calls meanwhile fall back.
+type ClientPool struct {
+	cfg      Config
+	path     string
+	fallback remote.ConnPool
+
+	slots []*slot
+	next  atomic.Uint32 // round robin over slots
+
+	mu       sync.Mutex // guards sessions, closed
+	sessions map[*clientSession]struct{}
+	closed   bool
+	done     chan struct{}   // closed by Close
+	ctx      context.Context // canceled by Close: bounds background dials
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+}
+
+// slot holds one of the pool's sessions, or the job of re-establishing it.
+type slot struct {
+	mu           sync.Mutex // guards cur, tried, reconnecting; held during a first, synchronous dial
+	cur          *clientSession
+	tried        bool
+	reconnecting bool
+}
+
+// NewClientPool returns a pool dialing path with cfg; fallback serves calls
+// that cannot use shared memory and receives Put/Discard of its own
+// connections.
+func NewClientPool(cfg Config, path string, fallback remote.ConnPool) *ClientPool {
+	p := &ClientPool{
+		cfg:      cfg,
+		path:     path,
+		fallback: fallback,
+		sessions: make(map[*clientSession]struct{}),
+		done:     make(chan struct{}),
+	}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	p.slots = make([]*slot, cfg.Sessions)
+	for i := range p.slots {
+		p.slots[i] = &slot{}
+	}
+	return p
+}
+
+// SocketPath is the path the pool dials.
+func (p *ClientPool) SocketPath() string { return p.path }
+
+// Get implements remote.ConnPool.
+func (p *ClientPool) Get(ctx context.Context, network, address string, opt remote.ConnOption) (net.Conn, error) {
+	if cs := p.session(ctx); cs != nil {
+		if c := cs.getConn(); c != nil {
+			return c, nil
+		}
+	}
+	counters.fallbackCalls.Add(1)
+	return p.fallback.Get(ctx, network, address, opt)
+}
+
+// session returns a usable session, dialing a slot that was never tried.
+func (p *ClientPool) session(ctx context.Context) *clientSession {
+	n := uint32(len(p.slots))
+	start := p.next.Add(1)
+	for i := uint32(0); i < n; i++ {
+		sl := p.slots[(start+i)%n]
+		sl.mu.Lock()
+		cs := sl.cur
+		sl.mu.Unlock()
+		if cs != nil && cs.usable() {
+			return cs
+		}
+	}
+	for i := uint32(0); i < n; i++ {
+		sl := p.slots[(start+i)%n]
+		if cs := p.firstDial(ctx, sl); cs != nil {
+			return cs
+		}
+	}
+	return nil
+}
+
+// firstDial establishes a slot's session synchronously the first time it is
+// needed, so that the first call already uses shared memory. Later attempts
+// happen in the background.
+func (p *ClientPool) firstDial(ctx context.Context, sl *slot) *clientSession {
+	sl.mu.Lock()
+	defer sl.mu.Unlock()
+	if sl.cur != nil && sl.cur.usable() {
+		return sl.cur
+	}
+	if sl.tried || p.isClosed() {
+		return nil
+	}
+	sl.tried = true
+	cs, err := p.dial(ctx, sl)
+	if err != nil {
+		p.logf("kshm: no session to %s, calls fall back to Kitex's transport: %v", p.path, err)
+		p.startReconnect(sl)
+		return nil
+	}
+	sl.cur = cs
+	return cs
+}
+
+func (p *ClientPool) dial(ctx context.Context, sl *slot) (*clientSession, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.DialTimeout)
+	defer cancel()
+	s, err := shm.Dial(ctx, p.path, p.cfg.Shm)
+	if err != nil {
+		return nil, err
+	}
+	cs := newClientSession(p, sl, s)
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		s.Close()
+		return nil, errPoolClosed
+	}
+	p.sessions[cs] = struct{}{}
+	p.wg.Add(1)
+	p.mu.Unlock()
+	counters.dialed.Add(1)
+	go func() {
+		defer p.wg.Done()
+		cs.dispatch()
+		p.mu.Lock()
+		delete(p.sessions, cs)
+		p.mu.Unlock()
+	}()
+	return cs, nil
+}
+
+var errPoolClosed = errors.New("kshm: connection pool closed")
+
+// lost is called when a session dies or is told to go away: its slot gets
+// a new session in the background.
+func (p *ClientPool) lost(cs *clientSession) {
+	sl := cs.slot
+	sl.mu.Lock()
+	if sl.cur == cs {
+		sl.cur = nil
+	}
+	if sl.cur == nil {
+		p.startReconnect(sl)
+	}
+	sl.mu.Unlock()
+}
+
+// startReconnect starts the slot's reconnect loop unless it runs. sl.mu held.
+func (p *ClientPool) startReconnect(sl *slot) {
+	if sl.reconnecting {
+		return
+	}
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return
+	}
+	p.wg.Add(1)
+	p.mu.Unlock()
+	sl.reconnecting = true
+	go p.reconnect(sl)
+}
+
+func (p *ClientPool) reconnect(sl *slot) {
+	defer p.wg.Done()
+	backoff := p.cfg.ReconnectMin
+	t := time.NewTimer(backoff)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.done:
+			sl.mu.Lock()
+			sl.reconnecting = false
+			sl.mu.Unlock()
+			return
+		case <-t.C:
+		}
+		cs, err := p.dial(p.ctx, sl)
+		if err == nil {
+			sl.mu.Lock()
+			sl.cur = cs
+			sl.reconnecting = false
+			sl.mu.Unlock()
+			klog.Infof("kshm: session to %s re-established", p.path)
+			return
+		}
+		backoff *= 2
+		if backoff > p.cfg.ReconnectMax {
+			backoff = p.cfg.ReconnectMax
+		}
+		t.Reset(backoff)
+	}
+}
+
+// Put implements remote.ConnPool.
+func (p *ClientPool) Put(conn net.Conn) error {
+	if c, ok := conn.(*clientConn); ok {
+		c.cs.putConn(c)
+		return nil
+	}
+	return p.fallback.Put(conn)
+}
+
+// Discard implements remote.ConnPool: the virtual connection is closed (its
+// call, if unfinished, abandoned).
+func (p *ClientPool) Discard(conn net.Conn) error {
+	if c, ok := conn.(*clientConn); ok {
+		c.Close()
+		return nil
+	}
+	return p.fallback.Discard(conn)
+}
+
+// Clean implements remote.LongConnPool for the fallback connections.
+func (p *ClientPool) Clean(network, address string) {
+	if lp, ok := p.fallback.(remote.LongConnPool); ok {
+		lp.Clean(network, address)
+	}
+}
+
+// Close implements remote.ConnPool: it closes every session, stops the
+// background work and waits for it, and closes the fallback pool.
+func (p *ClientPool) Close() error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.closed = true
+	close(p.done)
+	p.cancel()
+	sessions := make([]*clientSession, 0, len(p.sessions))
+	for cs := range p.sessions {
+		sessions = append(sessions, cs)
+	}
+	p.mu.Unlock()
+	for _, cs := range sessions {
+		cs.s.Close()
+	}
+	p.wg.Wait()
+	return p.fallback.Close()
+}
+
+func (p *ClientPool) isClosed() bool {
+	p.mu.Lock()
+	c := p.closed
+	p.mu.Unlock()
+	return c
+}
+
+func (p *ClientPool) logf(format string, a ...any) {
+	if p.isClosed() {
+		return
+	}
+	klog.Warnf(format, a...)
+}
+
+var _ remote.LongConnPool = (*ClientPool)(nil)

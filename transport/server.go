@@ -1,0 +1,408 @@
+package transport
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/cloudwego/kitex/pkg/klog"
+	"github.com/cloudwego/kitex/pkg/remote"
+	"github.com/cloudwego/kitex/pkg/utils"
+
+	"github.com/shmkit/kshm/shm"
+)
+
+// NewTransServerFactory wraps the server's trans server factory (Kitex's
+// netpoll one by default). The TransServer it makes runs the wrapped server
+// on the server's usual address and, beside it, accepts on a unix socket:
+// kshm sessions (told by their preface) and plain Kitex connections.
+//
+// service returns the server's service name when the socket path is derived
+// (called at Run). handlers is the factory that NewSvrTransHandlerFactory
+// returned for the same server: the server must use it.
+func NewTransServerFactory(inner remote.TransServerFactory, cfg Config, service func() string,
+	handlers remote.ServerTransHandlerFactory,
+) remote.TransServerFactory {
+	f, _ := handlers.(*svrFactory)
+	return &transServerFactory{inner: inner, cfg: cfg, service: service, handlers: f}
+}
+
+type transServerFactory struct {
+	inner    remote.TransServerFactory
+	cfg      Config
+	service  func() string
+	handlers *svrFactory
+}
+
+func (f *transServerFactory) NewTransServer(opt *remote.ServerOption, hdl remote.ServerTransHandler) remote.TransServer {
+	ts := &TransServer{
+		opt:      opt,
+		hdl:      hdl,
+		cfg:      f.cfg,
+		sessions: make(map[*serverSession]struct{}),
+		plain:    make(map[*plainConn]struct{}),
+		accepted: make(map[net.Conn]struct{}),
+	}
+	if f.handlers == nil || !f.handlers.made.Load() {
+		ts.initErr = fmt.Errorf("%w: WithServerShmIPC: the server's trans handler factory was replaced after "+
+			"WithServerShmIPC; put WithServerShmIPC after server.WithTransHandlerFactory", ErrBadConfig)
+	}
+	if f.inner != nil {
+		ts.inner = f.inner.NewTransServer(opt, hdl)
+	}
+	path, err := f.cfg.socketPath(f.service())
+	if err != nil && ts.initErr == nil {
+		ts.initErr = err
+	}
+	ts.path = path
+	ts.unixAddr = &net.UnixAddr{Net: "unix", Name: path}
+	return ts
+}
+
+// TransServer is the composite trans server of WithServerShmIPC.
+type TransServer struct {
+	opt      *remote.ServerOption
+	hdl      remote.ServerTransHandler
+	cfg      Config
+	inner    remote.TransServer
+	path     string
+	unixAddr *net.UnixAddr
+	initErr  error
+
+	inflight     atomic.Int64 // requests being served on the unix socket
+	shuttingDown atomic.Bool
+
+	mu       sync.Mutex // guards ln, sessions, plain, accepted
+	ln       *net.UnixListener
+	sessions map[*serverSession]struct{}
+	plain    map[*plainConn]struct{}
+	accepted map[net.Conn]struct{} // conns still reading their preface
+	wg       sync.WaitGroup        // accept loop and connection goroutines
+}
+
+// SocketPath is where the server accepts kshm sessions.
+func (ts *TransServer) SocketPath() string { return ts.path }
+
+// CreateListener implements remote.TransServer: the usual address's listener
+// from the wrapped server, and the unix socket.
+func (ts *TransServer) CreateListener(addr net.Addr) (net.Listener, error) {
+	if ts.initErr != nil {
+		return nil, ts.initErr
+	}
+	if addr != nil && addr.Network() == "unix" && addr.String() == ts.path {
+		return nil, fmt.Errorf("%w: WithSocketPath: %s is also the server's service address", ErrBadConfig, ts.path)
+	}
+	if err := ts.listenUnix(); err != nil {
+		return nil, err
+	}
+	ln, err := ts.inner.CreateListener(addr)
+	if err != nil {
+		ts.closeListener()
+		return nil, err
+	}
+	return ln, nil
+}
+
+func (ts *TransServer) listenUnix() error {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.ln != nil {
+		return nil
+	}
+	if err := removeStaleSocket(ts.path); err != nil {
+		return err
+	}
+	ln, err := net.ListenUnix("unix", ts.unixAddr)
+	if err != nil {
+		return fmt.Errorf("kshm: listen on %s: %w", ts.path, err)
+	}
+	ln.SetUnlinkOnClose(true)
+	if err := os.Chmod(ts.path, ts.cfg.Shm.SocketMode); err != nil {
+		ln.Close()
+		return fmt.Errorf("kshm: chmod %s: %w", ts.path, err)
+	}
+	ts.ln = ln
+	return nil
+}
+
+// removeStaleSocket removes a socket file nobody listens on; it refuses to
+// touch a live socket or a file that is not a socket.
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("kshm: socket path %s: %w", path, err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%w: WithSocketPath: %s exists and is not a socket", ErrBadConfig, path)
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("kshm: another server is listening on %s", path)
+	}
+	if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, os.ErrNotExist) {
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("kshm: removing stale socket %s: %w", path, err)
+		}
+		return nil
+	}
+	return fmt.Errorf("kshm: probing socket %s: %w", path, err)
+}
+
+// BootstrapServer implements remote.TransServer: it starts accepting on the
+// unix socket, then runs the wrapped server until it stops.
+func (ts *TransServer) BootstrapServer(ln net.Listener) error {
+	if ts.initErr != nil {
+		return ts.initErr
+	}
+	if err := ts.listenUnix(); err != nil { // a listener given by server.WithListener skips CreateListener
+		return err
+	}
+	ts.mu.Lock()
+	uln := ts.ln
+	ts.mu.Unlock()
+	klog.Infof("KITEX: kshm server accepting on %s", ts.path)
+	ts.wg.Add(1)
+	go ts.acceptLoop(uln)
+	return ts.inner.BootstrapServer(ln)
+}
+
+func (ts *TransServer) acceptLoop(ln *net.UnixListener) {
+	defer ts.wg.Done()
+	for {
+		conn, err := ln.AcceptUnix()
+		if err != nil {
+			if ts.shuttingDown.Load() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			klog.Errorf("KITEX: kshm accept on %s: %v", ts.path, err)
+			d := ts.opt.AcceptFailedDelayTime
+			if d <= 0 {
+				d = 10 * time.Millisecond
+			}
+			time.Sleep(d)
+			continue
+		}
+		ts.mu.Lock()
+		if ts.shuttingDown.Load() {
+			ts.mu.Unlock()
+			conn.Close()
+			continue
+		}
+		ts.accepted[conn] = struct{}{}
+		ts.wg.Add(1)
+		ts.mu.Unlock()
+		go ts.handleConn(conn)
+	}
+}
+
+// handleConn reads the preface and serves the connection as a kshm session
+// or as plain Kitex.
+func (ts *TransServer) handleConn(conn *net.UnixConn) {
+	defer ts.wg.Done()
+	var pre [shm.PrefaceSize]byte
+	_ = conn.SetReadDeadline(time.Now().Add(ts.cfg.Shm.HandshakeTimeout))
+	n, err := io.ReadFull(conn, pre[:])
+	_ = conn.SetReadDeadline(time.Time{})
+	ts.mu.Lock()
+	delete(ts.accepted, conn)
+	stopping := ts.shuttingDown.Load()
+	ts.mu.Unlock()
+	if err != nil || stopping {
+		if err != nil && n > 0 {
+			klog.Warnf("kshm: connection on %s sent %d bytes, then: %v", ts.path, n, err)
+		}
+		conn.Close()
+		return
+	}
+	if shm.IsPreface(pre[:]) {
+		ts.serveSession(conn)
+		return
+	}
+	ts.servePlain(newPlainConn(conn, pre[:]))
+}
+
+func (ts *TransServer) serveSession(conn *net.UnixConn) {
+	s, err := shm.ServerSession(conn, ts.cfg.Shm)
+	if err != nil {
+		klog.Warnf("kshm: session handshake on %s: %v", ts.path, err)
+		conn.Close()
+		return
+	}
+	ss := &serverSession{ts: ts, s: s, conns: make(map[uint64]*serverConn)}
+	ts.mu.Lock()
+	if ts.shuttingDown.Load() {
+		ts.mu.Unlock()
+		s.Close()
+		return
+	}
+	ts.sessions[ss] = struct{}{}
+	ts.mu.Unlock()
+	counters.accepted.Add(1)
+	ss.serve()
+	ts.mu.Lock()
+	delete(ts.sessions, ss)
+	ts.mu.Unlock()
+}
+
+// servePlain serves a Kitex connection without kshm, as Kitex's gonet server
+// does: OnActive, then OnRead for each request, then OnInactive.
+func (ts *TransServer) servePlain(pc *plainConn) {
+	ts.mu.Lock()
+	if ts.shuttingDown.Load() {
+		ts.mu.Unlock()
+		pc.Close()
+		return
+	}
+	ts.plain[pc] = struct{}{}
+	ts.mu.Unlock()
+	counters.plain.Add(1)
+	defer func() {
+		ts.mu.Lock()
+		delete(ts.plain, pc)
+		ts.mu.Unlock()
+		pc.Close()
+	}()
+	ctx, err := ts.hdl.OnActive(context.Background(), pc)
+	if err != nil {
+		ts.hdl.OnError(ctx, err, pc)
+		return
+	}
+	defer ts.hdl.OnInactive(ctx, pc)
+	for {
+		if _, err := pc.r.Peek(1); err != nil {
+			return
+		}
+		ts.inflight.Add(1)
+		err := ts.onRead(ctx, pc)
+		ts.inflight.Add(-1)
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !pc.closed.Load() {
+				ts.hdl.OnError(ctx, err, pc)
+			}
+			return
+		}
+	}
+}
+
+// onRead calls the handler, keeping a panic from taking the process down
+// the way Kitex's trans servers do (logged; the connection closes).
+func (ts *TransServer) onRead(ctx context.Context, conn net.Conn) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			klog.CtxErrorf(ctx, "KITEX: kshm panic in OnRead: %v", r)
+			err = fmt.Errorf("kshm: panic in OnRead: %v", r)
+		}
+	}()
+	return ts.hdl.OnRead(ctx, conn)
+}
+
+// Shutdown implements remote.TransServer. It stops accepting, tells every
+// session's client to go away, lets requests in flight finish within the
+// server's ExitWaitTime, then closes sessions and connections; the wrapped
+// server shuts down at the same time.
+func (ts *TransServer) Shutdown() error {
+	if !ts.shuttingDown.CompareAndSwap(false, true) {
+		return nil
+	}
+	wait := ts.opt.ExitWaitTime
+	deadline := time.Now().Add(wait)
+	innerErr := make(chan error, 1)
+	go func() {
+		if ts.inner == nil {
+			innerErr <- nil
+			return
+		}
+		innerErr <- ts.inner.Shutdown()
+	}()
+
+	ts.closeListener()
+	ts.mu.Lock()
+	sessions := make([]*serverSession, 0, len(ts.sessions))
+	for ss := range ts.sessions {
+		sessions = append(sessions, ss)
+	}
+	for c := range ts.accepted {
+		c.Close()
+	}
+	ts.mu.Unlock()
+	for _, ss := range sessions {
+		ss.goAway()
+	}
+	// Give clients a moment to see the go-away and requests already written
+	// to arrive, then wait for what is in flight.
+	grace := 50 * time.Millisecond
+	if grace > wait {
+		grace = wait
+	}
+	time.Sleep(grace)
+	for ts.inflight.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	ts.mu.Lock()
+	for ss := range ts.sessions {
+		ss.s.Close()
+	}
+	for pc := range ts.plain {
+		pc.Close()
+	}
+	ts.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() {
+		ts.wg.Wait()
+		close(done)
+	}()
+	var err error
+	select {
+	case <-done:
+	case <-time.After(time.Until(deadline) + time.Second):
+		err = fmt.Errorf("kshm: connections still busy after ExitWaitTime %v", wait)
+	}
+	if e := <-innerErr; e != nil && err == nil {
+		err = e
+	}
+	return err
+}
+
+func (ts *TransServer) closeListener() {
+	ts.mu.Lock()
+	ln := ts.ln
+	ts.ln = nil
+	ts.mu.Unlock()
+	if ln != nil {
+		ln.Close()
+	}
+}
+
+// ConnCount implements remote.TransServer: the wrapped server's connections
+// plus kshm virtual connections and plain connections on the unix socket.
+func (ts *TransServer) ConnCount() utils.AtomicInt {
+	n := 0
+	if ts.inner != nil {
+		c := ts.inner.ConnCount()
+		n = c.Value()
+	}
+	ts.mu.Lock()
+	n += len(ts.plain)
+	for ss := range ts.sessions {
+		ss.mu.Lock()
+		n += len(ss.conns)
+		ss.mu.Unlock()
+	}
+	ts.mu.Unlock()
+	return utils.AtomicInt(n)
+}
+
+var _ remote.TransServer = (*TransServer)(nil)
