@@ -1,0 +1,48 @@
+# kshm — shared-memory transport for Kitex.
+# The two set-up commands are `make example` and `make test`.
+
+GO ?= go
+
+.PHONY: all build test example bench bench-quick gen fuzz vet clean
+
+all: build
+
+build:
+	$(GO) build ./...
+	$(GO) build -o bin/kshm ./cmd/kshm
+
+# vet, the whole suite under the race detector (fuzz targets run on their
+# seed corpus as part of it), and the benchmark module's own tests.
+test: vet
+	$(GO) test -race -count=1 -timeout 30m ./...
+	cd benchmark && $(GO) test -race -count=1 -timeout 10m ./...
+
+vet:
+	$(GO) vet ./...
+	cd benchmark && $(GO) vet ./...
+
+# An echo service over shared memory: starts the server, runs the client at
+# several payload sizes, prints what it did, stops the server.
+example:
+	$(GO) run ./example/run
+
+# Cross-process benchmarks: kshm against its baselines, alternated in rounds.
+bench-quick:
+	cd benchmark && $(GO) run ./cmd/bench -mode quick
+
+bench:
+	cd benchmark && $(GO) run ./cmd/bench -mode full
+
+# Regenerates example/kitex_gen from example/idl (needs only the Go proxy).
+gen:
+	sh example/gen.sh
+
+# Longer fuzzing of every parser of peer input (FUZZTIME per target).
+FUZZTIME ?= 1m
+fuzz:
+	for f in FuzzDecodeHello FuzzParseFrame FuzzValidateHeader FuzzRecvDescriptors; do \
+		$(GO) test -run XXX -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./shm/ || exit 1; \
+	done
+
+clean:
+	rm -rf bin

@@ -1,0 +1,103 @@
+package shm
+
+import (
+	"context"
+	"strconv"
+	"testing"
+)
+
+// BenchmarkSession_RoundTrip measures an in-process round trip through both
+// rings (the cross-process figures are in benchmark/). Its allocs/op is the
+// hot path's heap allocations per message pair: it must be 0.
+func BenchmarkSession_RoundTrip(b *testing.B) {
+	for _, size := range []int{64, 4096, 65536} {
+		b.Run(byteSize(size), func(b *testing.B) {
+			c := testConfig()
+			c.WakeMode = WakePoll
+			cli, srv := pair(b, c, testConfig())
+			ctx := context.Background()
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				for {
+					m, err := srv.Recv(ctx)
+					if err != nil {
+						return
+					}
+					buf, err := srv.Alloc(m.Len())
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					copy(buf.Bytes(), m.Segment(0))
+					srv.Release(&m)
+					if err := srv.Send(ctx, m.ID, 0, 0, buf); err != nil {
+						return
+					}
+				}
+			}()
+			payload := make([]byte, size)
+			b.SetBytes(int64(2 * size))
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				buf, err := cli.Alloc(size)
+				if err != nil {
+					b.Fatal(err)
+				}
+				copy(buf.Bytes(), payload)
+				if err := cli.Send(ctx, uint64(i), 0, 0, buf); err != nil {
+					b.Fatal(err)
+				}
+				m, err := cli.Recv(ctx)
+				if err != nil {
+					b.Fatal(err)
+				}
+				copy(payload, m.Segment(0))
+				cli.Release(&m)
+			}
+			b.StopTimer()
+			cli.Close()
+			<-done
+		})
+	}
+}
+
+// TestSession_HotPathAllocatesNothing pins what the benchmark reports.
+func TestSession_HotPathAllocatesNothing(t *testing.T) {
+	c := testConfig()
+	c.WakeMode = WakePoll
+	cli, srv := pair(t, c, c)
+	ctx := context.Background()
+	payload := make([]byte, 1000)
+	round := func() {
+		buf, err := cli.Alloc(len(payload))
+		if err != nil {
+			t.Fatal(err)
+		}
+		copy(buf.Bytes(), payload)
+		if err := cli.Send(ctx, 1, 2, 3, buf); err != nil {
+			t.Fatal(err)
+		}
+		m, err := srv.Recv(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		copy(payload, m.Segment(0))
+		srv.Release(&m)
+	}
+	round()
+	if n := testing.AllocsPerRun(1000, round); n != 0 {
+		t.Fatalf("Alloc+Send+Recv+Release allocates %v times per message", n)
+	}
+}
+
+func byteSize(n int) string {
+	switch {
+	case n >= 1<<20:
+		return strconv.Itoa(n>>20) + "MiB"
+	case n >= 1<<10:
+		return strconv.Itoa(n>>10) + "KiB"
+	}
+	return strconv.Itoa(n) + "B"
+}

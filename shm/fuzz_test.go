@@ -1,0 +1,137 @@
+package shm
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"testing"
+	"time"
+	"unsafe"
+)
+
+func FuzzDecodeHello(f *testing.F) {
+	good := hello{MinVersion: 1, MaxVersion: 1, RegionSize: 8 << 20, RingEntries: 256, SlotCount: 256, MaxMessage: 1 << 20, PID: 1}
+	f.Add(good.encode())
+	refused := hello{Status: statusRefused, Reason: "no"}
+	f.Add(refused.encode())
+	f.Add(make([]byte, helloSize))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, err := decodeHello(b)
+		if err != nil {
+			if !errors.Is(err, ErrHandshake) {
+				t.Fatalf("error %v does not wrap ErrHandshake", err)
+			}
+			return
+		}
+		if h.Status == statusOK {
+			// Accepted values must round-trip and be in range.
+			if _, err := negotiate(h); err == nil && h.MaxVersion < protoMinVersion {
+				t.Fatal("negotiated with a peer below our minimum")
+			}
+			if h.RingEntries&(h.RingEntries-1) != 0 || h.MaxMessage > h.RegionSize {
+				t.Fatalf("accepted out-of-range hello %+v", h)
+			}
+			h2, err := decodeHello(h.encode())
+			if err != nil || h2 != h {
+				t.Fatalf("round trip: %+v -> %+v, %v", h, h2, err)
+			}
+		}
+	})
+}
+
+func FuzzParseFrame(f *testing.F) {
+	var b [frameHeaderSize + inlineMetaSize]byte
+	putFrameHeader(b[:], frameInline, inlineMetaSize+5)
+	putInlineMeta(b[frameHeaderSize:], 1, 2, 3)
+	f.Add(b[:])
+	putFrameHeader(b[:], frameWake, 0)
+	f.Add(b[:frameHeaderSize])
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, err := parseFrameHeader(b)
+		if err != nil {
+			return
+		}
+		switch h.Type {
+		case frameInline:
+			if h.Len > inlineMetaSize+MaxInlineSize {
+				t.Fatalf("accepted inline frame of %d bytes", h.Len)
+			}
+			if len(b) >= frameHeaderSize+inlineMetaSize {
+				parseInlineMeta(b[frameHeaderSize:])
+			}
+		case frameClose:
+			if h.Len > maxCloseReason {
+				t.Fatalf("accepted close frame of %d bytes", h.Len)
+			}
+		}
+	})
+}
+
+func FuzzValidateHeader(f *testing.F) {
+	r, err := createRegion(2<<20, 64, 64, 64, 64<<10, roleServer)
+	if err != nil {
+		f.Fatal(err)
+	}
+	defer r.unmap()
+	f.Add(bytes.Clone(r.mem[:headerSize]), uint64(2<<20))
+	f.Fuzz(func(t *testing.T, b []byte, mapped uint64) {
+		if len(b) < int(unsafe.Sizeof(regionHeader{})) {
+			return
+		}
+		h := (*regionHeader)(unsafe.Pointer(&b[0]))
+		g, err := validateHeader(h, mapped, 0)
+		if err != nil {
+			return
+		}
+		// Whatever passes must describe parts inside the mapping.
+		if g.arenaOff+g.arenaSize > mapped || g.slotOff+g.slotCount*slotSize > g.arenaOff ||
+			g.ringOff+g.ringEntries*descSize > g.relOff {
+			t.Fatalf("accepted geometry outside the mapping: %+v (mapped %d)", g, mapped)
+		}
+	})
+}
+
+// FuzzRecvDescriptors writes arbitrary descriptors into a live session's ring
+// (through the real mapping) and checks that the receiver either delivers a
+// message inside the peer's arena or closes the session with ErrCorrupt;
+// never a panic or a read outside the mapping.
+func FuzzRecvDescriptors(f *testing.F) {
+	f.Add([]byte{}, uint8(1))
+	seed := make([]byte, descSize)
+	binary.LittleEndian.PutUint32(seed[24:], 100)
+	f.Add(seed, uint8(1))
+	f.Fuzz(func(t *testing.T, raw []byte, count uint8) {
+		cli, srv := pair(t, testConfig(), testConfig())
+		n := int(count%(MaxSegments+2)) + 1
+		ds := make([]desc, n)
+		for i := range ds {
+			var d desc
+			db := unsafe.Slice((*byte)(unsafe.Pointer(&d)), descSize)
+			if len(raw) > 0 {
+				copy(db, raw[(i*descSize)%len(raw):])
+			}
+			// Keep sequence numbers right half the time so deeper checks run.
+			if len(raw) == 0 || raw[0]&1 == 0 {
+				d.Seq = uint32(cli.tail) + uint32(i)
+			}
+			ds[i] = d
+		}
+		publish(cli, ds...)
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		m, err := srv.Recv(ctx)
+		if err != nil {
+			if !errors.Is(err, ErrCorrupt) && !errors.Is(err, ErrTimeout) {
+				t.Fatalf("Recv = %v", err)
+			}
+			return
+		}
+		for i := 0; i < m.NumSegments(); i++ {
+			seg := m.Segment(i)
+			_ = bytes.Count(seg, []byte{0}) // read every byte
+		}
+		// The message is dropped unreleased: the client never allocated
+		// these slots, and the pair is closed at the end of this input.
+	})
+}
