@@ -37,10 +37,10 @@ func (m WakeMode) String() string {
 
 // Limits of the configuration.
 const (
-	MinRegionSize      = 1 << 20   // 1 MiB
-	MaxRegionSize      = 1 << 40   // 1 TiB; the memory check refuses what the machine cannot back
-	MinBlockSize       = 512       // smallest buffer the allocator hands out
-	MaxSegments        = 8         // buffers per message
+	MinRegionSize      = 1 << 20 // 1 MiB
+	MaxRegionSize      = 1 << 40 // 1 TiB; the memory check refuses what the machine cannot back
+	MinBlockSize       = 512     // smallest buffer the allocator hands out
+	MaxSegments        = 8       // buffers per message
 	MinRingEntries     = 64
 	MaxRingEntries     = 1 << 20
 	MinMaxMessageSize  = 4 << 10

@@ -235,4 +235,3 @@ func TestConfig_ValidateNamesSetting(t *testing.T) {
 		t.Fatalf("default config invalid: %v", err)
 	}
 }
-

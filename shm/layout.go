@@ -58,14 +58,14 @@ type regionHeader struct {
 	Closing   uint32
 	_         [108]byte
 
-	RingTail    uint64 // producer index of our send ring
-	_           [120]byte
+	RingTail     uint64 // producer index of our send ring
+	_            [120]byte
 	PeerRingHead uint64 // our consumer index of the peer's send ring
-	_           [120]byte
-	RelTail     uint64 // producer index of our release ring
-	_           [120]byte
-	PeerRelHead uint64 // our consumer index of the peer's release ring
-	_           [120]byte
+	_            [120]byte
+	RelTail      uint64 // producer index of our release ring
+	_            [120]byte
+	PeerRelHead  uint64 // our consumer index of the peer's release ring
+	_            [120]byte
 
 	Counters counters // owner's counters, for operators (kshm stats)
 	_        [headerSize - 768 - unsafe.Sizeof(counters{})]byte
@@ -137,11 +137,11 @@ const (
 
 // geometry is the computed layout of a region.
 type geometry struct {
-	size                  uint64
-	ringOff, ringEntries  uint64
-	relOff, relEntries    uint64
-	slotOff, slotCount    uint64
-	arenaOff, arenaSize   uint64
+	size                 uint64
+	ringOff, ringEntries uint64
+	relOff, relEntries   uint64
+	slotOff, slotCount   uint64
+	arenaOff, arenaSize  uint64
 }
 
 func roundUp(x, to uint64) uint64 { return (x + to - 1) / to * to }

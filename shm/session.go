@@ -110,7 +110,7 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 func (s *Session) Config() Config { return s.cfg }
 
 // PeerPID is the peer's process id, PeerUID its user id (SO_PEERCRED).
-func (s *Session) PeerPID() int     { return int(s.peerPID) }
+func (s *Session) PeerPID() int    { return int(s.peerPID) }
 func (s *Session) PeerUID() uint32 { return s.peerUID }
 
 // Done is closed when the session closes.
