@@ -86,10 +86,13 @@ func run() error {
 		return err
 	}
 
+	before := readCounters()
 	if err := checks(echoCli, mathCli); err != nil {
 		return fmt.Errorf("functional checks: %w", err)
 	}
-	fmt.Println("functional checks: ok")
+	c := readCounters().sub(before)
+	fmt.Printf("functional checks: ok (%d calls over shared memory, %d fallbacks, %d late responses dropped)\n",
+		c.calls, c.fallbacks, c.late)
 
 	failed := false
 	results := make([]result, 0, len(sizes))
@@ -104,6 +107,12 @@ func run() error {
 	if failed {
 		return fmt.Errorf("some calls failed or returned wrong data")
 	}
+
+	// Every buffer the client sent must come back once the calls are done.
+	if n, b := waitBuffersBack(2 * time.Second); n != 0 {
+		return fmt.Errorf("%d shared-memory buffers (%d bytes) still held by the server after all calls returned", n, b)
+	}
+	fmt.Println("shared-memory buffers: all returned")
 	return nil
 }
 
