@@ -163,13 +163,14 @@ func firstDiff(a, b []byte) int {
 
 func printTable(w io.Writer, rs []result, concurrency int) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "size\tcalls\tp50\tp99\tshm calls\tfallbacks\tfailures\t\n")
+	fmt.Fprintf(tw, "size\tcalls\tp50\tp99\tkshm calls\tfallbacks\tfailures\t\n")
 	for _, r := range rs {
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%d\t%d\t%d\t\n", sizeString(r.size), r.calls,
 			durString(r.p50), durString(r.p99), r.shm.calls, r.shm.fallbacks, r.failures)
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "(concurrency %d; shm calls and fallbacks are the client's kshm counters over each run)\n", concurrency)
+	fmt.Fprintf(w, "(concurrency %d; from the client's kshm counters over each run: kshm calls went over a kshm session,\n"+
+		" fallbacks did not use shared memory: no session, or a message too large or no memory, sent on the session socket)\n", concurrency)
 }
 
 func sizeString(n int) string {

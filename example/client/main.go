@@ -38,6 +38,7 @@ func run() error {
 		addr        = flag.String("addr", "", "the server's TCP `address` (host:port)")
 		socketPath  = flag.String("socket", "", "the server's kshm unix socket `path`")
 		regionSize  = flag.Int("region-size", 0, "kshm region size in `bytes` (0: kshm's default)")
+		maxMessage  = flag.Int("max-message", 0, "largest message kshm carries in shared memory, in `bytes` (0: kshm's default); larger ones fall back")
 		wakeMode    = flag.String("wake", "", "kshm wake `mode`: notify, poll or timed (empty: kshm's default)")
 		sizesFlag   = flag.String("sizes", "64,1024,16384,262144,1048576", "comma-separated payload `sizes` in bytes")
 		duration    = flag.Duration("duration", time.Second, "how long to call Echo at each size")
@@ -58,7 +59,7 @@ func run() error {
 	}
 
 	common := func() ([]client.Option, error) {
-		shmOpt, err := shmClientOption(*socketPath, *regionSize, *wakeMode)
+		shmOpt, err := shmClientOption(*socketPath, *regionSize, *maxMessage, *wakeMode)
 		if err != nil {
 			return nil, err
 		}

@@ -13,10 +13,13 @@ import (
 )
 
 // shmClientOption turns the command-line settings into kshm's client option.
-func shmClientOption(socketPath string, regionSize int, wake string) (client.Option, error) {
+func shmClientOption(socketPath string, regionSize, maxMessage int, wake string) (client.Option, error) {
 	opts := []kshm.Option{kshm.WithSocketPath(socketPath)}
 	if regionSize > 0 {
 		opts = append(opts, kshm.WithRegionSize(regionSize))
+	}
+	if maxMessage > 0 {
+		opts = append(opts, kshm.WithMaxMessageSize(maxMessage))
 	}
 	if wake != "" {
 		m, err := parseWakeMode(wake)

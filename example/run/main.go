@@ -45,6 +45,7 @@ func run() error {
 		sizes       = flag.String("sizes", "", "client: comma-separated payload sizes in bytes (empty: the client's default)")
 		wake        = flag.String("wake", "", "kshm wake mode for both sides: notify, poll or timed (empty: default)")
 		regionSize  = flag.Int("region-size", 0, "kshm region size in bytes for both sides (0: default)")
+		maxMessage  = flag.Int("max-message", 0, "largest message kshm carries in shared memory, both sides (0: default)")
 		readyWait   = flag.Duration("ready-timeout", 30*time.Second, "how long to wait for the server to be ready")
 		stopWait    = flag.Duration("stop-timeout", 15*time.Second, "how long to wait for the server to exit after SIGTERM")
 	)
@@ -69,6 +70,9 @@ func run() error {
 	}
 	if *regionSize > 0 {
 		shared = append(shared, "-region-size", fmt.Sprint(*regionSize))
+	}
+	if *maxMessage > 0 {
+		shared = append(shared, "-max-message", fmt.Sprint(*maxMessage))
 	}
 
 	socketPath := filepath.Join(dir, "kshm.sock")

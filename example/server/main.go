@@ -41,12 +41,13 @@ func run() error {
 		addr       = flag.String("addr", "127.0.0.1:0", "TCP `address` to serve on (port 0 picks a free port)")
 		socketPath = flag.String("socket", filepath.Join(os.TempDir(), "kshm-example.sock"), "unix socket `path` kshm listens on")
 		regionSize = flag.Int("region-size", 0, "kshm region size in `bytes` per session side (0: kshm's default)")
+		maxMessage = flag.Int("max-message", 0, "largest message kshm carries in shared memory, in `bytes` (0: kshm's default); larger ones fall back")
 		wakeMode   = flag.String("wake", "", "kshm wake `mode`: notify, poll or timed (empty: kshm's default)")
 		exitWait   = flag.Duration("exit-wait", 3*time.Second, "how long a graceful stop waits for calls in flight")
 	)
 	flag.Parse()
 
-	shmOpt, err := shmServerOption(*socketPath, *regionSize, *wakeMode)
+	shmOpt, err := shmServerOption(*socketPath, *regionSize, *maxMessage, *wakeMode)
 	if err != nil {
 		return err
 	}

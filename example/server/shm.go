@@ -12,10 +12,13 @@ import (
 )
 
 // shmServerOption turns the command-line settings into kshm's server option.
-func shmServerOption(socketPath string, regionSize int, wake string) (server.Option, error) {
+func shmServerOption(socketPath string, regionSize, maxMessage int, wake string) (server.Option, error) {
 	opts := []kshm.Option{kshm.WithSocketPath(socketPath)}
 	if regionSize > 0 {
 		opts = append(opts, kshm.WithRegionSize(regionSize))
+	}
+	if maxMessage > 0 {
+		opts = append(opts, kshm.WithMaxMessageSize(maxMessage))
 	}
 	if wake != "" {
 		m, err := parseWakeMode(wake)
