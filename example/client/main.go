@@ -1,5 +1,3 @@
-//go:build kshmwip
-
 // Command client calls the example EchoService over kshm: first a few
 // functional checks (errors, timeouts, oneway calls, metainfo, a second
 // service), then Echo for a while at each of several payload sizes, verifying

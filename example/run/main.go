@@ -1,5 +1,3 @@
-//go:build kshmwip
-
 // Command run runs the kshm example end to end: it builds the example server
 // and client into a temporary directory, starts the server (TCP on 127.0.0.1,
 // kshm on a unix socket in the temporary directory), waits for it to be

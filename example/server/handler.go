@@ -1,5 +1,3 @@
-//go:build kshmwip
-
 package main
 
 import (

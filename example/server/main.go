@@ -1,5 +1,3 @@
-//go:build kshmwip
-
 // Command server serves the example EchoService and MathService over TCP and,
 // through kshm, over shared memory on a unix socket.
 //
