@@ -34,6 +34,7 @@ type options struct {
 	duration   time.Duration
 	rounds     int
 	minCalls   int
+	maxWindow  time.Duration
 	sizes      []int
 	concs      []int
 	layers     []string
@@ -53,7 +54,8 @@ func main() {
 	flag.IntVar(&o.conc, "conc", 1, "internal: concurrent calls of the client")
 	flag.DurationVar(&o.warmup, "warmup", 0, "warm-up per measurement (default by mode)")
 	flag.DurationVar(&o.duration, "duration", 0, "measured time per measurement (default by mode)")
-	flag.IntVar(&o.minCalls, "mincalls", 0, "calls a measurement window must hold at least (it grows up to 10x -duration; default by mode)")
+	flag.IntVar(&o.minCalls, "mincalls", 0, "calls a measurement window must hold at least (it grows up to -maxwindow; default by mode)")
+	flag.DurationVar(&o.maxWindow, "maxwindow", 0, "longest measurement window when -mincalls are not reached (default by mode)")
 	flag.IntVar(&o.rounds, "rounds", 0, "rounds; each runs every case once per transport (default by mode)")
 	flag.StringVar(&sizes, "sizes", "", "comma-separated payload sizes, e.g. 64,1K,4M (default by mode)")
 	flag.StringVar(&concs, "concs", "", "comma-separated concurrencies (default by mode)")

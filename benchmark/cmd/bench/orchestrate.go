@@ -26,6 +26,8 @@ type benchCase struct {
 type settings struct {
 	rounds           int
 	minCalls         int
+	maxWindow        time.Duration
+	kitexTransports  []string // default transports of the kitex layer (all when empty)
 	warmup, duration time.Duration
 	sizes            []int
 	engineConcs      []int
@@ -40,15 +42,17 @@ func modeSettings(o options) (settings, error) {
 	var s settings
 	switch o.mode {
 	case "quick":
-		s = settings{rounds: 3, minCalls: 20, warmup: 30 * time.Millisecond, duration: 100 * time.Millisecond,
+		s = settings{rounds: 3, minCalls: 10, maxWindow: 300 * time.Millisecond,
+			warmup: 20 * time.Millisecond, duration: 80 * time.Millisecond,
+			kitexTransports: []string{"kshm", "netpoll-uds", "netpoll-tcp"},
 			sizes: all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16},
 			scaleClients: nil, scaleSize: 1 << 10, scaleConc: 4}
 	case "full":
-		s = settings{rounds: 5, minCalls: 200, warmup: 200 * time.Millisecond, duration: time.Second,
+		s = settings{rounds: 5, minCalls: 200, maxWindow: 5 * time.Second, warmup: 200 * time.Millisecond, duration: time.Second,
 			sizes: all, engineConcs: []int{1, 16, 64}, kitexConcs: []int{1, 16, 64},
 			scaleClients: []int{1, 4, 16}, scaleSize: 1 << 10, scaleConc: 4}
 	case "custom":
-		s = settings{rounds: 3, minCalls: 50, warmup: 100 * time.Millisecond, duration: 500 * time.Millisecond,
+		s = settings{rounds: 3, minCalls: 50, maxWindow: 2 * time.Second, warmup: 100 * time.Millisecond, duration: 500 * time.Millisecond,
 			sizes: all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16}, scaleSize: 1 << 10, scaleConc: 4}
 	default:
 		return s, fmt.Errorf("unknown -mode %q (quick, full or custom)", o.mode)
@@ -59,11 +63,17 @@ func modeSettings(o options) (settings, error) {
 	if o.minCalls > 0 {
 		s.minCalls = o.minCalls
 	}
+	if o.maxWindow > 0 {
+		s.maxWindow = o.maxWindow
+	}
 	if o.warmup > 0 {
 		s.warmup = o.warmup
 	}
 	if o.duration > 0 {
 		s.duration = o.duration
+	}
+	if s.maxWindow < s.duration {
+		s.maxWindow = s.duration
 	}
 	if len(o.sizes) > 0 {
 		s.sizes = o.sizes
@@ -136,10 +146,21 @@ func orchestrate(o options) error {
 		layerOn[l] = true
 	}
 	var defs []transportDef
+	kitexDefault := map[string]bool{}
+	for _, t := range set.kitexTransports {
+		kitexDefault[t] = true
+	}
 	for _, d := range allTransports() {
-		if layerOn[d.layer] && (len(want) == 0 || want[d.name] || want[d.id()]) {
-			defs = append(defs, d)
+		if !layerOn[d.layer] {
+			continue
 		}
+		if len(want) > 0 && !want[d.name] && !want[d.id()] {
+			continue
+		}
+		if len(want) == 0 && d.layer == "kitex" && len(kitexDefault) > 0 && !kitexDefault[d.name] {
+			continue
+		}
+		defs = append(defs, d)
 	}
 	if len(defs) == 0 {
 		return fmt.Errorf("no transport selected")
@@ -328,7 +349,7 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 	for i := 0; i < c.clients; i++ {
 		args := append([]string{"-role", "client", "-conc", strconv.Itoa(c.conc),
 			"-warmup", or.set.warmup.String(), "-duration", or.set.duration.String(),
-			"-mincalls", strconv.Itoa(or.set.minCalls)}, common...)
+			"-mincalls", strconv.Itoa(or.set.minCalls), "-maxwindow", or.set.maxWindow.String()}, common...)
 		cl, err := startChild(fmt.Sprintf("client %d", i), or.self, args...)
 		if err != nil {
 			return res, err
@@ -350,7 +371,7 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		}
 	}
 	for _, cl := range clients {
-		if err = cl.expect("end", 30*time.Second+10*or.set.duration); err != nil {
+		if err = cl.expect("end", 30*time.Second+or.set.maxWindow); err != nil {
 			return res, err
 		}
 	}

@@ -199,8 +199,8 @@ func runClient(o options) error {
 		return report(err)
 	}
 	// Slow cases (megabytes at high concurrency) stay in the window until
-	// enough calls completed, up to ten times the duration.
-	for measured.Load() < uint64(o.minCalls) && time.Since(t0) < 10*o.duration {
+	// enough calls completed, up to -maxwindow.
+	for measured.Load() < uint64(o.minCalls) && time.Since(t0) < o.maxWindow {
 		if err := sleep(o.duration / 10); err != nil {
 			return report(err)
 		}
