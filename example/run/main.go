@@ -17,6 +17,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -44,10 +45,16 @@ func run() error {
 		wake        = flag.String("wake", "", "kshm wake mode for both sides: notify, poll or timed (empty: default)")
 		regionSize  = flag.Int("region-size", 0, "kshm region size in bytes for both sides (0: default)")
 		maxMessage  = flag.Int("max-message", 0, "largest message kshm carries in shared memory, both sides (0: default)")
+		race        = flag.Bool("race", false, "build the server and client with the race detector")
 		readyWait   = flag.Duration("ready-timeout", 30*time.Second, "how long to wait for the server to be ready")
 		stopWait    = flag.Duration("stop-timeout", 15*time.Second, "how long to wait for the server to exit after SIGTERM")
 	)
 	flag.Parse()
+
+	// SIGINT or SIGTERM stops the client and the server (they are not left
+	// behind) and fails the run.
+	sigCtx, stopSignals := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stopSignals()
 
 	dir, err := os.MkdirTemp("", "kshm-example-")
 	if err != nil {
@@ -56,7 +63,11 @@ func run() error {
 	defer os.RemoveAll(dir)
 
 	fmt.Println("run: building server and client")
-	build := exec.Command(goCommand(), "build", "-o", dir+string(filepath.Separator), serverPkg, clientPkg)
+	buildArgs := []string{"build", "-o", dir + string(filepath.Separator)}
+	if *race {
+		buildArgs = append(buildArgs, "-race")
+	}
+	build := exec.Command(goCommand(), append(buildArgs, serverPkg, clientPkg)...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		return fmt.Errorf("go build: %w", err)
@@ -127,6 +138,8 @@ func run() error {
 		return fmt.Errorf("server exited before it was ready: %v", err)
 	case <-time.After(*readyWait):
 		return fmt.Errorf("server not ready after %v", *readyWait)
+	case <-sigCtx.Done():
+		return errors.New("interrupted")
 	}
 	fmt.Printf("run: server ready: tcp %s, kshm %s\n", addrs[0], addrs[1])
 
@@ -136,11 +149,15 @@ func run() error {
 		args = append(args, "-sizes", *sizes)
 	}
 	// The client's own limit: every size's duration plus generous slack.
-	ctx, cancel := context.WithTimeout(context.Background(), 10*(*duration)+60*time.Second)
+	ctx, cancel := context.WithTimeout(sigCtx, 10*(*duration)+60*time.Second)
 	defer cancel()
 	cli := exec.CommandContext(ctx, filepath.Join(dir, "client"), args...)
 	cli.Stdout, cli.Stderr = os.Stdout, prefixWriter("client| ", os.Stderr)
+	cli.WaitDelay = 5 * time.Second
 	clientErr := cli.Run()
+	if sigCtx.Err() != nil {
+		clientErr = errors.New("interrupted")
+	}
 
 	if err := srv.Process.Signal(syscall.SIGTERM); err != nil {
 		return fmt.Errorf("signal server: %w", err)
