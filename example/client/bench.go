@@ -159,16 +159,22 @@ func firstDiff(a, b []byte) int {
 	return min(len(a), len(b))
 }
 
-func printTable(w io.Writer, rs []result, concurrency int) {
+// printTable prints one line per result; withShm adds kshm's counters.
+func printTable(w io.Writer, rs []result, withShm bool) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "size\tcalls\tp50\tp99\tkshm calls\tfallbacks\tfailures\t\n")
+	if withShm {
+		fmt.Fprintf(tw, "size\tcalls\tp50\tp99\tkshm calls\tfallbacks\tfailures\t\n")
+	} else {
+		fmt.Fprintf(tw, "size\tcalls\tp50\tp99\tfailures\t\n")
+	}
 	for _, r := range rs {
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%d\t%d\t%d\t\n", sizeString(r.size), r.calls,
-			durString(r.p50), durString(r.p99), r.shm.calls, r.shm.fallbacks, r.failures)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t", sizeString(r.size), r.calls, durString(r.p50), durString(r.p99))
+		if withShm {
+			fmt.Fprintf(tw, "%d\t%d\t", r.shm.calls, r.shm.fallbacks)
+		}
+		fmt.Fprintf(tw, "%d\t\n", r.failures)
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "(concurrency %d; from the client's kshm counters over each run: kshm calls went over a kshm session,\n"+
-		" fallbacks did not use shared memory: no session, or a message too large or no memory, sent on the session socket)\n", concurrency)
 }
 
 func sizeString(n int) string {

@@ -42,6 +42,7 @@ func run() error {
 		duration    = flag.Duration("duration", time.Second, "how long to call Echo at each size")
 		concurrency = flag.Int("concurrency", 1, "concurrent callers")
 		timeout     = flag.Duration("timeout", 3*time.Second, "RPC timeout")
+		compareTCP  = flag.Bool("compare-tcp", false, "also measure each size over plain Kitex on TCP (no kshm), for comparison")
 	)
 	flag.Parse()
 	if *addr == "" || *socketPath == "" {
@@ -56,20 +57,23 @@ func run() error {
 		return err
 	}
 
-	common := func() ([]client.Option, error) {
-		shmOpt, err := shmClientOption(*socketPath, *regionSize, *maxMessage, *wakeMode)
-		if err != nil {
-			return nil, err
-		}
-		return []client.Option{
+	common := func(withShm bool) ([]client.Option, error) {
+		opts := []client.Option{
 			client.WithHostPorts(*addr),
 			client.WithTransportProtocol(transport.TTHeaderFramed),
 			client.WithMetaHandler(transmeta.ClientTTHeaderHandler),
 			client.WithRPCTimeout(*timeout),
-			shmOpt,
-		}, nil
+		}
+		if !withShm {
+			return opts, nil
+		}
+		shmOpt, err := shmClientOption(*socketPath, *regionSize, *maxMessage, *wakeMode)
+		if err != nil {
+			return nil, err
+		}
+		return append(opts, shmOpt), nil
 	}
-	opts, err := common()
+	opts, err := common(true)
 	if err != nil {
 		return err
 	}
@@ -77,7 +81,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	if opts, err = common(); err != nil {
+	if opts, err = common(true); err != nil {
 		return err
 	}
 	mathCli, err := mathservice.NewClient(serviceName, opts...)
@@ -93,16 +97,38 @@ func run() error {
 	fmt.Printf("functional checks: ok (%d calls over shared memory, %d fallbacks, %d late responses dropped)\n",
 		c.calls, c.fallbacks, c.late)
 
+	var tcpCli echoservice.Client
+	if *compareTCP {
+		if opts, err = common(false); err != nil {
+			return err
+		}
+		if tcpCli, err = echoservice.NewClient(serviceName, opts...); err != nil {
+			return err
+		}
+	}
+
+	// With -compare-tcp, the two transports take turns at each size, so
+	// that both see the same machine.
 	failed := false
-	results := make([]result, 0, len(sizes))
+	var results, tcpResults []result
 	for _, size := range sizes {
 		r := measure(echoCli, size, *concurrency, *duration)
 		results = append(results, r)
-		if r.failures > 0 {
-			failed = true
+		failed = failed || r.failures > 0
+		if tcpCli != nil {
+			r := measure(tcpCli, size, *concurrency, *duration)
+			tcpResults = append(tcpResults, r)
+			failed = failed || r.failures > 0
 		}
 	}
-	printTable(os.Stdout, results, *concurrency)
+	fmt.Printf("Echo over kshm (concurrency %d):\n", *concurrency)
+	printTable(os.Stdout, results, true)
+	fmt.Println("(from the client's kshm counters over each run: kshm calls went over a kshm session; fallbacks did not\n" +
+		" use shared memory: no session, or a message too large or finding no memory, sent on the session socket)")
+	if tcpCli != nil {
+		fmt.Printf("Echo over TCP loopback, plain Kitex (concurrency %d):\n", *concurrency)
+		printTable(os.Stdout, tcpResults, false)
+	}
 	if failed {
 		return fmt.Errorf("some calls failed or returned wrong data")
 	}

@@ -45,6 +45,7 @@ func run() error {
 		wake        = flag.String("wake", "", "kshm wake mode for both sides: notify, poll or timed (empty: default)")
 		regionSize  = flag.Int("region-size", 0, "kshm region size in bytes for both sides (0: default)")
 		maxMessage  = flag.Int("max-message", 0, "largest message kshm carries in shared memory, both sides (0: default)")
+		compareTCP  = flag.Bool("compare-tcp", false, "client: also measure each size over plain Kitex on TCP, for comparison")
 		race        = flag.Bool("race", false, "build the server and client with the race detector")
 		readyWait   = flag.Duration("ready-timeout", 30*time.Second, "how long to wait for the server to be ready")
 		stopWait    = flag.Duration("stop-timeout", 15*time.Second, "how long to wait for the server to exit after SIGTERM")
@@ -147,6 +148,9 @@ func run() error {
 		"-duration", duration.String(), "-concurrency", fmt.Sprint(*concurrency)}, shared...)
 	if *sizes != "" {
 		args = append(args, "-sizes", *sizes)
+	}
+	if *compareTCP {
+		args = append(args, "-compare-tcp")
 	}
 	// The client's own limit: every size's duration plus generous slack.
 	ctx, cancel := context.WithTimeout(sigCtx, 10*(*duration)+60*time.Second)
