@@ -40,6 +40,7 @@ type options struct {
 	layers     []string
 	transports []string
 	out        string
+	reportDir  string
 	scale      []int
 }
 
@@ -63,6 +64,7 @@ func main() {
 	flag.StringVar(&transports, "transports", "", "comma-separated transport names to run (default all available)")
 	flag.StringVar(&scale, "scale", "", "comma-separated client-process counts for the scale case (default by mode; 0 disables)")
 	flag.StringVar(&o.out, "out", "", "output file (default results/<mode>.json)")
+	flag.StringVar(&o.reportDir, "report", "-", "directory for REPORT.md and its charts (default results for -mode full, none otherwise; empty for none)")
 	flag.Parse()
 
 	var err error

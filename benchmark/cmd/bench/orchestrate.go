@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/shmkit/kshm/benchmark/internal/report"
 )
 
 // A case is one cell of the matrix; each round measures every case once per
@@ -45,7 +47,7 @@ func modeSettings(o options) (settings, error) {
 		s = settings{rounds: 3, minCalls: 10, maxWindow: 300 * time.Millisecond,
 			warmup: 20 * time.Millisecond, duration: 80 * time.Millisecond,
 			kitexTransports: []string{"kshm", "netpoll-uds", "netpoll-tcp"},
-			sizes: all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16},
+			sizes:           all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16},
 			scaleClients: nil, scaleSize: 1 << 10, scaleConc: 4}
 	case "full":
 		s = settings{rounds: 5, minCalls: 200, maxWindow: 5 * time.Second, warmup: 200 * time.Millisecond, duration: time.Second,
@@ -240,7 +242,36 @@ func orchestrate(o options) error {
 		}
 	}
 	fmt.Fprintf(os.Stderr, "bench: wrote %s (%d records) in %v\n", out, len(order), time.Since(or.started).Round(time.Second))
+	repDir := o.reportDir
+	if repDir == "-" {
+		repDir = ""
+		if o.mode == "full" {
+			repDir = filepath.Dir(out)
+		}
+	}
+	if repDir == "" {
+		return nil
+	}
+	recs, err := report.Load(out)
+	if err == nil {
+		err = report.Write(repDir, recs, "benchmark/"+filepath.ToSlash(out), reproduce(o))
+	}
+	if err != nil {
+		return fmt.Errorf("report: %w", err)
+	}
+	fmt.Fprintf(os.Stderr, "bench: wrote %s\n", filepath.Join(repDir, "REPORT.md"))
 	return nil
+}
+
+// reproduce names the command that reruns this benchmark.
+func reproduce(o options) string {
+	switch {
+	case o.mode == "full" && len(os.Args) == 3:
+		return "make bench"
+	case o.mode == "quick" && len(os.Args) == 3:
+		return "make bench-quick"
+	}
+	return "cd benchmark && go run ./cmd/bench " + strings.Join(os.Args[1:], " ")
 }
 
 func (or *orchestrator) prefix(round int, d transportDef, c benchCase) string {

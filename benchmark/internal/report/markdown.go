@@ -1,0 +1,340 @@
+package report
+
+import (
+	"fmt"
+	"math"
+	"strings"
+)
+
+func us(v float64) string {
+	switch {
+	case v == 0:
+		return "–"
+	case v >= 10000:
+		return fmt.Sprintf("%.1f ms", v/1000)
+	case v >= 100:
+		return fmt.Sprintf("%.0f", v)
+	case v >= 10:
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.2f", v)
+}
+
+func count(v float64) string {
+	switch {
+	case v == 0:
+		return "–"
+	case v >= 1e6:
+		return fmt.Sprintf("%.2f M", v/1e6)
+	case v >= 1e4:
+		return fmt.Sprintf("%.0f k", v/1e3)
+	case v >= 1e3:
+		return fmt.Sprintf("%.1f k", v/1e3)
+	}
+	return fmt.Sprintf("%.0f", v)
+}
+
+func pct(f float64) string { return fmt.Sprintf("±%.0f%%", f*50) } // half the (max-min)/median spread
+
+func ratio(a, b float64) string {
+	if a == 0 || b == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f×", a/b)
+}
+
+func table(b *strings.Builder, head []string, rows [][]string) {
+	b.WriteString("| " + strings.Join(head, " | ") + " |\n|")
+	for i := range head {
+		if i == 0 {
+			b.WriteString("---|")
+		} else {
+			b.WriteString("--:|")
+		}
+	}
+	b.WriteString("\n")
+	for _, r := range rows {
+		b.WriteString("| " + strings.Join(r, " | ") + " |\n")
+	}
+	b.WriteString("\n")
+}
+
+func (d *data) markdown(b *strings.Builder, source, command string, charts map[string][]chart) {
+	r0 := d.recs[0]
+	m := r0.Machine
+	rounds := 0
+	for _, r := range d.recs {
+		rounds = max(rounds, r.Rounds)
+	}
+	fmt.Fprintf(b, "# kshm benchmark report\n\n")
+	fmt.Fprintf(b, "Generated from `%s`, reproduced by `%s`.\n\n", source, command)
+	fmt.Fprintf(b, "- Machine: %s, %d cores, %.0f GiB, Linux %s, %s\n", m.CPU, m.Cores, float64(m.MemKiB)/(1<<20), m.Kernel, m.Go)
+	fmt.Fprintf(b, "- Date: %s; commit `%s`\n", r0.Date, r0.Commit)
+	fmt.Fprintf(b, "- Method: client and server in separate processes; every request and response payload is written in full "+
+		"by its sender and read (verified) in full by its receiver. Transports run back to back within each round, their order "+
+		"rotating from round to round; each figure is the median of %d rounds, and ±x%% is half the spread "+
+		"(max-min)/median of the rounds. CPU is user+system time (getrusage) of both processes over the measurement "+
+		"window, divided by the calls completed in it; allocations are the client process's Go heap allocations per call.\n\n", rounds)
+
+	d.goals(b)
+	for _, layer := range []string{"engine", "kitex"} {
+		if len(d.concs(layer)) == 0 {
+			continue
+		}
+		d.layerSection(b, layer, charts[layer])
+	}
+	d.scaleSection(b, charts["scale"])
+	d.notAhead(b)
+	var failed []string
+	for _, r := range d.recs {
+		for _, e := range r.Errors {
+			failed = append(failed, fmt.Sprintf("- %s %s %s c%d: %s", r.Layer, r.Transport, SizeName(r.Size), r.Concurrency,
+				strings.SplitN(e, "\n", 2)[0]))
+		}
+	}
+	if len(failed) > 0 {
+		fmt.Fprintf(b, "## Failed measurements\n\n%s\n", strings.Join(failed, "\n"))
+	}
+}
+
+// goals checks the targets of the engine issue against this run.
+func (d *data) goals(b *strings.Builder) {
+	sizes := d.sizes("engine")
+	if len(sizes) == 0 {
+		return
+	}
+	fmt.Fprintf(b, "## Goals (engine layer, concurrency 1)\n\n")
+	status := func(ok bool, n int) string {
+		if n == 0 {
+			return "not measured"
+		}
+		if ok {
+			return "**met**"
+		}
+		return "**not met**"
+	}
+	type goal struct {
+		text  string
+		check func(size int) (string, bool, bool) // cell, ok, applicable
+	}
+	p50 := func(t string, size int) float64 {
+		r, _ := d.get("engine", t, size, 1)
+		return r.P50
+	}
+	cpu := func(t string, size int) float64 {
+		r, _ := d.get("engine", t, size, 1)
+		return r.CPU
+	}
+	goals := []goal{
+		{"kshm p50 ≤ 0.8 × shmipc-go's, every size", func(s int) (string, bool, bool) {
+			a, c := p50("kshm", s), p50("shmipc-go", s)
+			return ratio(a, c), a > 0 && c > 0 && a <= 0.8*c, a > 0 && c > 0
+		}},
+		{"kshm p50 ≤ 0.5 × uds's, from 64 KiB", func(s int) (string, bool, bool) {
+			if s < 64<<10 {
+				return "", true, false
+			}
+			a, c := p50("kshm", s), p50("uds", s)
+			return ratio(a, c), a > 0 && c > 0 && a <= 0.5*c, a > 0 && c > 0
+		}},
+		{"kshm-poll p50 < 2 µs at 64 B", func(s int) (string, bool, bool) {
+			if s != 64 {
+				return "", true, false
+			}
+			a := p50("kshm-poll", s)
+			return us(a) + " µs", a > 0 && a < 2, a > 0
+		}},
+		{"kshm CPU per call ≤ uds's, every size", func(s int) (string, bool, bool) {
+			a, c := cpu("kshm", s), cpu("uds", s)
+			return ratio(a, c), a > 0 && c > 0 && a <= c, a > 0 && c > 0
+		}},
+	}
+	head := []string{"goal", "status"}
+	for _, s := range sizes {
+		head = append(head, SizeName(s))
+	}
+	var rows [][]string
+	for _, g := range goals {
+		row := []string{g.text, ""}
+		all, n := true, 0
+		for _, s := range sizes {
+			cell, ok, applicable := g.check(s)
+			if !applicable {
+				row = append(row, "")
+				continue
+			}
+			n++
+			if !ok {
+				all = false
+				cell += " ✗"
+			} else {
+				cell += " ✓"
+			}
+			row = append(row, cell)
+		}
+		row[1] = status(all, n)
+		rows = append(rows, row)
+	}
+	table(b, head, rows)
+}
+
+func (d *data) layerSection(b *strings.Builder, layer string, charts []chart) {
+	title := map[string]string{"engine": "Engine layer: raw round trips", "kitex": "Kitex layer: the echo service"}[layer]
+	fmt.Fprintf(b, "## %s\n\n", title)
+	if layer == "engine" {
+		b.WriteString("`kshm` is package shm in its default notify mode, `kshm-poll` and `kshm-timed` its other wake-up modes; " +
+			"`uds` is a plain unix socket with length-prefixed frames, one connection per concurrent caller; `shmipc-go` is " +
+			"github.com/cloudwego/shmipc-go v0.2.0 with memfd memory, one stream per concurrent caller, its buffer slices sized " +
+			"for the payload as in its own benchmark.\n\n")
+	} else {
+		b.WriteString("The same kitex-generated EchoService client and handler over each transport (TTHeaderFramed, a " +
+			"long-connection pool holding one connection per concurrent caller); the handler verifies the request payload and " +
+			"returns a response payload of the same size.\n\n")
+	}
+	for _, c := range charts {
+		fmt.Fprintf(b, "![%s](%s)\n\n", c.title, c.file)
+	}
+	ts := d.transports(layer)
+	for _, conc := range d.concs(layer) {
+		fmt.Fprintf(b, "### Concurrency %d\n\n", conc)
+		head := append([]string{"size"}, ts...)
+		var lat, thr, cpu [][]string
+		for _, size := range d.sizes(layer) {
+			l, q, c := []string{SizeName(size)}, []string{SizeName(size)}, []string{SizeName(size)}
+			for _, t := range ts {
+				r, ok := d.get(layer, t, size, conc)
+				if !ok {
+					l, q, c = append(l, "–"), append(q, "–"), append(c, "–")
+					continue
+				}
+				l = append(l, fmt.Sprintf("%s %s / %s", us(r.P50), pct(r.P50Spread), us(r.P99)))
+				q = append(q, fmt.Sprintf("%s %s", count(r.QPS), pct(r.QPSSpread)))
+				c = append(c, fmt.Sprintf("%s %s (%.1f)", us(r.CPU), pct(r.CPUSpread), r.Allocs))
+			}
+			lat, thr, cpu = append(lat, l), append(thr, q), append(cpu, c)
+		}
+		fmt.Fprintf(b, "Latency, µs: p50 ±spread / p99\n\n")
+		table(b, head, lat)
+		fmt.Fprintf(b, "Throughput, calls per second\n\n")
+		table(b, head, thr)
+		fmt.Fprintf(b, "CPU µs per call, both processes (client heap allocations per call)\n\n")
+		table(b, head, cpu)
+
+		var rhead []string
+		rhead = append(rhead, "size")
+		var pairs [][2]string
+		for _, k := range ts {
+			if !strings.HasPrefix(k, "kshm") {
+				continue
+			}
+			for _, base := range baselines[layer] {
+				if hasTransport(ts, base) {
+					pairs = append(pairs, [2]string{k, base})
+				}
+			}
+		}
+		if len(pairs) == 0 {
+			continue
+		}
+		for _, p := range pairs {
+			rhead = append(rhead, fmt.Sprintf("%s / %s: p50, qps, cpu", p[0], p[1]))
+		}
+		var rows [][]string
+		for _, size := range d.sizes(layer) {
+			row := []string{SizeName(size)}
+			for _, p := range pairs {
+				a, okA := d.get(layer, p[0], size, conc)
+				c, okC := d.get(layer, p[1], size, conc)
+				if !okA || !okC {
+					row = append(row, "–")
+					continue
+				}
+				row = append(row, fmt.Sprintf("%s, %s, %s", ratio(a.P50, c.P50), ratio(a.QPS, c.QPS), ratio(a.CPU, c.CPU)))
+			}
+			rows = append(rows, row)
+		}
+		fmt.Fprintf(b, "Ratios (below 1 is better for p50 and CPU, above 1 for qps)\n\n")
+		table(b, rhead, rows)
+	}
+}
+
+func hasTransport(ts []string, t string) bool {
+	for _, x := range ts {
+		if x == t {
+			return true
+		}
+	}
+	return false
+}
+
+func (d *data) scaleSection(b *strings.Builder, charts []chart) {
+	if len(d.scale) == 0 {
+		return
+	}
+	r0 := d.scale[0]
+	fmt.Fprintf(b, "## Scale: client processes calling one server\n\n")
+	fmt.Fprintf(b, "Each client process makes %d concurrent calls of %s; one server process serves them all "+
+		"(the sidecar case). Memory is the server's, sampled at the end of the window: RSS, and RssShmem (shared "+
+		"memory resident in it), also per session.\n\n", r0.Concurrency/max(r0.Clients, 1), SizeName(r0.Size))
+	for _, c := range charts {
+		fmt.Fprintf(b, "![%s](%s)\n\n", c.title, c.file)
+	}
+	var rows [][]string
+	for _, t := range engineOrder {
+		for _, r := range d.scale {
+			if r.Transport != t || r.Rounds == 0 {
+				continue
+			}
+			n := float64(max(r.Clients, 1))
+			rows = append(rows, []string{t, fmt.Sprint(r.Clients), count(r.QPS) + " " + pct(r.QPSSpread), us(r.P50), us(r.P99),
+				us(r.CPU), fmt.Sprintf("%.1f", r.ServerRSS/1024), fmt.Sprintf("%.1f", r.ServerShmem/1024),
+				fmt.Sprintf("%.1f", r.ServerShmem/1024/n), fmt.Sprintf("%.1f", r.ClientRSS/1024)})
+		}
+	}
+	table(b, []string{"transport", "clients", "calls/s", "p50 µs", "p99 µs", "CPU µs/call", "server RSS MiB",
+		"server shmem MiB", "shmem MiB per session", "client RSS MiB"}, rows)
+}
+
+// notAhead lists, honestly, every case where the default kshm mode is
+// behind a baseline by more than the spread of the rounds.
+func (d *data) notAhead(b *strings.Builder) {
+	var lines []string
+	for _, layer := range []string{"engine", "kitex"} {
+		for _, conc := range d.concs(layer) {
+			for _, size := range d.sizes(layer) {
+				k, ok := d.get(layer, "kshm", size, conc)
+				if !ok {
+					continue
+				}
+				for _, base := range baselines[layer] {
+					c, ok := d.get(layer, base, size, conc)
+					if !ok {
+						continue
+					}
+					var what []string
+					noise := func(a, b float64) float64 { return math.Max(a, b) / 2 }
+					if k.P50 > c.P50*(1+noise(k.P50Spread, c.P50Spread)) {
+						what = append(what, fmt.Sprintf("p50 %s vs %s µs (%s)", us(k.P50), us(c.P50), ratio(k.P50, c.P50)))
+					}
+					if k.QPS < c.QPS*(1-noise(k.QPSSpread, c.QPSSpread)) {
+						what = append(what, fmt.Sprintf("throughput %s vs %s/s (%s)", count(k.QPS), count(c.QPS), ratio(k.QPS, c.QPS)))
+					}
+					if k.CPU > c.CPU*(1+noise(k.CPUSpread, c.CPUSpread)) {
+						what = append(what, fmt.Sprintf("CPU %s vs %s µs/call (%s)", us(k.CPU), us(c.CPU), ratio(k.CPU, c.CPU)))
+					}
+					if len(what) > 0 {
+						lines = append(lines, fmt.Sprintf("- %s, %s, concurrency %d, against %s: %s", layer, SizeName(size), conc, base,
+							strings.Join(what, "; ")))
+					}
+				}
+			}
+		}
+	}
+	fmt.Fprintf(b, "## Where kshm (notify mode) is not ahead\n\n")
+	if len(lines) == 0 {
+		b.WriteString("Nowhere beyond the spread of the rounds.\n\n")
+		return
+	}
+	b.WriteString("Cases where the default mode is behind a baseline by more than half the spread of the rounds:\n\n")
+	b.WriteString(strings.Join(lines, "\n") + "\n\n")
+}

@@ -1,0 +1,189 @@
+// Package report turns the records of a benchmark run (results/*.json)
+// into a Markdown report with tables, ratios against each baseline and SVG
+// charts drawn with gonum.org/v1/plot.
+package report
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+)
+
+// Record is the subset of a results record the report reads.
+type Record struct {
+	Layer        string    `json:"layer"`
+	Transport    string    `json:"transport"`
+	Size         int       `json:"size"`
+	Concurrency  int       `json:"concurrency"`
+	Clients      int       `json:"clients"`
+	Scale        bool      `json:"scale"`
+	P50          float64   `json:"p50_us"`
+	P99          float64   `json:"p99_us"`
+	P999         float64   `json:"p999_us"`
+	QPS          float64   `json:"qps"`
+	CPU          float64   `json:"cpu_us_per_call"`
+	Allocs       float64   `json:"allocs_per_call"`
+	ClientCPU    float64   `json:"client_cpu_us_per_call"`
+	ServerCPU    float64   `json:"server_cpu_us_per_call"`
+	ServerAllocs float64   `json:"server_allocs_per_call"`
+	ServerRSS    float64   `json:"server_rss_kib"`
+	ServerShmem  float64   `json:"server_shmem_kib"`
+	ClientRSS    float64   `json:"client_rss_kib"`
+	P50Spread    float64   `json:"p50_spread"`
+	P99Spread    float64   `json:"p99_spread"`
+	QPSSpread    float64   `json:"qps_spread"`
+	CPUSpread    float64   `json:"cpu_spread"`
+	P50Rounds    []float64 `json:"p50_us_rounds"`
+	Rounds       int       `json:"rounds"`
+	Calls        uint64    `json:"calls"`
+	Errors       []string  `json:"errors"`
+	Machine      struct {
+		CPU    string `json:"cpu"`
+		Cores  int    `json:"cores"`
+		MemKiB int64  `json:"mem_kib"`
+		Kernel string `json:"kernel"`
+		Go     string `json:"go"`
+	} `json:"machine"`
+	Date   string `json:"date"`
+	Commit string `json:"commit"`
+}
+
+// Load reads a results file.
+func Load(path string) ([]Record, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var recs []Record
+	if err := json.Unmarshal(b, &recs); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return recs, nil
+}
+
+// Transport orders: kshm first, then the baselines.
+var (
+	engineOrder = []string{"kshm", "kshm-poll", "kshm-timed", "uds", "shmipc-go"}
+	kitexOrder  = []string{"kshm", "kshm-poll", "kshm-timed", "netpoll-uds", "netpoll-tcp"}
+	baselines   = map[string][]string{"engine": {"uds", "shmipc-go"}, "kitex": {"netpoll-uds", "netpoll-tcp"}}
+)
+
+type key struct {
+	layer, transport string
+	size, conc       int
+}
+
+type data struct {
+	recs  []Record
+	by    map[key]Record // the non-scale records
+	scale []Record
+}
+
+func index(recs []Record) *data {
+	d := &data{recs: recs, by: map[key]Record{}}
+	for _, r := range recs {
+		if r.Scale {
+			d.scale = append(d.scale, r)
+			continue
+		}
+		if r.Rounds == 0 {
+			continue
+		}
+		d.by[key{r.Layer, r.Transport, r.Size, r.Concurrency}] = r
+	}
+	return d
+}
+
+func (d *data) get(layer, transport string, size, conc int) (Record, bool) {
+	r, ok := d.by[key{layer, transport, size, conc}]
+	return r, ok
+}
+
+// transports present in a layer, in report order.
+func (d *data) transports(layer string) []string {
+	order := engineOrder
+	if layer == "kitex" {
+		order = kitexOrder
+	}
+	seen := map[string]bool{}
+	for k := range d.by {
+		if k.layer == layer {
+			seen[k.transport] = true
+		}
+	}
+	var out []string
+	for _, t := range order {
+		if seen[t] {
+			out = append(out, t)
+			delete(seen, t)
+		}
+	}
+	var rest []string
+	for t := range seen {
+		rest = append(rest, t)
+	}
+	sort.Strings(rest)
+	return append(out, rest...)
+}
+
+func (d *data) sizes(layer string) []int {
+	set := map[int]bool{}
+	for k := range d.by {
+		if k.layer == layer {
+			set[k.size] = true
+		}
+	}
+	return sortedKeys(set)
+}
+
+func (d *data) concs(layer string) []int {
+	set := map[int]bool{}
+	for k := range d.by {
+		if k.layer == layer {
+			set[k.conc] = true
+		}
+	}
+	return sortedKeys(set)
+}
+
+func sortedKeys(set map[int]bool) []int {
+	var out []int
+	for v := range set {
+		out = append(out, v)
+	}
+	sort.Ints(out)
+	return out
+}
+
+// SizeName formats a payload size: 64 B, 16 KiB, 4 MiB.
+func SizeName(n int) string {
+	switch {
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", n>>20)
+	case n >= 1<<10 && n%(1<<10) == 0:
+		return fmt.Sprintf("%d KiB", n>>10)
+	}
+	return fmt.Sprintf("%d B", n)
+}
+
+// Write writes REPORT.md and its SVG charts into dir. source names the
+// results file and command names the command that reproduces it.
+func Write(dir string, recs []Record, source, command string) error {
+	if len(recs) == 0 {
+		return fmt.Errorf("no records")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	d := index(recs)
+	var b strings.Builder
+	charts, err := d.charts(dir)
+	if err != nil {
+		return err
+	}
+	d.markdown(&b, source, command, charts)
+	return os.WriteFile(filepath.Join(dir, "REPORT.md"), []byte(b.String()), 0o644)
+}
