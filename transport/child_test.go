@@ -1,0 +1,215 @@
+package transport_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/bytedance/gopkg/cloud/metainfo"
+	"github.com/cloudwego/kitex/pkg/endpoint"
+	"github.com/cloudwego/kitex/pkg/rpcinfo"
+	"github.com/cloudwego/kitex/server"
+
+	"github.com/shmkit/kshm"
+	"github.com/shmkit/kshm/example/kitex_gen/echo"
+	"github.com/shmkit/kshm/example/kitex_gen/echo/echoservice"
+	"github.com/shmkit/kshm/example/kitex_gen/echo/mathservice"
+	"github.com/shmkit/kshm/internal/shmtest"
+	"github.com/shmkit/kshm/transport"
+)
+
+// Child roles and their environment.
+const (
+	roleServer = "kitex-server"
+
+	envSock     = "KSHM_T_SOCK"     // socket path ("" derives it from the service name)
+	envNoShm    = "KSHM_T_NOSHM"    // "1": a plain Kitex server without kshm
+	envRegion   = "KSHM_T_REGION"   // region size
+	envMaxMsg   = "KSHM_T_MAXMSG"   // maximum message size
+	envName     = "KSHM_T_NAME"     // service name
+	envExitWait = "KSHM_T_EXITWAIT" // server.WithExitWaitTime, ms
+)
+
+const serviceName = "kshm-test"
+
+func TestMain(m *testing.M) {
+	switch shmtest.Role() {
+	case "":
+		os.Exit(m.Run())
+	case roleServer:
+		os.Exit(runServer())
+	default:
+		fmt.Fprintln(os.Stderr, "unknown child role", shmtest.Role())
+		os.Exit(2)
+	}
+}
+
+type mwKey struct{}
+
+// echoImpl is the test service. It reports what reached it so the parent can
+// check features end to end.
+type echoImpl struct {
+	notified atomic.Int64
+	seen     sync.Map // seq -> struct{}: for "slow-once"
+}
+
+func (e *echoImpl) reply(ctx context.Context, req *echo.EchoRequest) *echo.EchoResponse {
+	meta := map[string]string{}
+	if v, ok := metainfo.GetValue(ctx, "t-key"); ok {
+		meta["transient"] = v
+	}
+	if v, ok := metainfo.GetPersistentValue(ctx, "p-key"); ok {
+		meta["persistent"] = v
+	}
+	if v, ok := ctx.Value(mwKey{}).(string); ok {
+		meta["server-mw"] = v
+	}
+	return &echo.EchoResponse{Payload: req.Payload, Message: req.Message, Seq: req.Seq, Meta: meta}
+}
+
+func (e *echoImpl) Echo(ctx context.Context, req *echo.EchoRequest) (*echo.EchoResponse, error) {
+	if req.Message == "notified?" {
+		return &echo.EchoResponse{Seq: e.notified.Load()}, nil
+	}
+	return e.reply(ctx, req), nil
+}
+
+func (e *echoImpl) EchoOrFail(ctx context.Context, req *echo.EchoRequest) (*echo.EchoResponse, error) {
+	if req.Message == "fail" {
+		return nil, &echo.EchoError{Code: 42, Message: "asked to fail"}
+	}
+	return e.reply(ctx, req), nil
+}
+
+func (e *echoImpl) Sleep(ctx context.Context, req *echo.EchoRequest, millis int64) (*echo.EchoResponse, error) {
+	if req.Message == "slow-once" {
+		if _, again := e.seen.LoadOrStore(req.Seq, struct{}{}); again {
+			millis = 0
+		}
+	}
+	time.Sleep(time.Duration(millis) * time.Millisecond)
+	return e.reply(ctx, req), nil
+}
+
+func (e *echoImpl) Notify(ctx context.Context, req *echo.EchoRequest) error {
+	e.notified.Add(1)
+	return nil
+}
+
+type mathImpl struct{}
+
+func (*mathImpl) Add(ctx context.Context, a, b int64) (int64, error) { return a + b, nil }
+
+func envInt(name string) int {
+	v, _ := strconv.Atoi(os.Getenv(name))
+	return v
+}
+
+// runServer runs the test server: plain Kitex on a TCP port of 127.0.0.1
+// and, unless KSHM_T_NOSHM, kshm on the unix socket. It prints
+// "ready <tcp address>", a "stats <json>" line on SIGUSR1, and "final <json>"
+// after a graceful stop (SIGTERM).
+func runServer() int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	name := os.Getenv(envName)
+	if name == "" {
+		name = serviceName
+	}
+	opts := []server.Option{
+		server.WithListener(ln),
+		server.WithServerBasicInfo(&rpcinfo.EndpointBasicInfo{ServiceName: name}),
+		server.WithMiddleware(func(next endpoint.Endpoint) endpoint.Endpoint {
+			return func(ctx context.Context, req, resp any) error {
+				return next(context.WithValue(ctx, mwKey{}, "yes"), req, resp)
+			}
+		}),
+	}
+	if ms := envInt(envExitWait); ms > 0 {
+		opts = append(opts, server.WithExitWaitTime(time.Duration(ms)*time.Millisecond))
+	}
+	sock := os.Getenv(envSock)
+	noShm := os.Getenv(envNoShm) == "1"
+	if !noShm {
+		var kopts []kshm.Option
+		if sock != "" {
+			kopts = append(kopts, kshm.WithSocketPath(sock))
+		}
+		if n := envInt(envRegion); n > 0 {
+			kopts = append(kopts, kshm.WithRegionSize(n))
+		}
+		if n := envInt(envMaxMsg); n > 0 {
+			kopts = append(kopts, kshm.WithMaxMessageSize(n))
+		}
+		opts = append(opts, kshm.WithServerShmIPC(kopts...))
+	}
+	svr := echoservice.NewServer(&echoImpl{}, opts...)
+	if err := mathservice.RegisterService(svr, &mathImpl{}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	go func() {
+		for range usr1 {
+			printStats("stats")
+		}
+	}()
+	runErr := make(chan error, 1)
+	go func() { runErr <- svr.Run() }()
+
+	// Ready when the socket (or, without kshm, the TCP port) accepts.
+	readyAddr := ln.Addr().String()
+	probeNet, probeAddr := "tcp", readyAddr
+	if !noShm {
+		probeNet, probeAddr = "unix", sock
+		if sock == "" {
+			probeAddr = defaultPath(name)
+		}
+	}
+	for i := 0; ; i++ {
+		c, err := net.Dial(probeNet, probeAddr)
+		if err == nil {
+			c.Close()
+			break
+		}
+		if i > 500 {
+			fmt.Fprintln(os.Stderr, "server not ready:", err)
+			return 1
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	shmtest.Printf("ready %s", readyAddr)
+	if err := <-runErr; err != nil {
+		fmt.Fprintln(os.Stderr, "server.Run:", err)
+		return 1
+	}
+	printStats("final")
+	return 0
+}
+
+func defaultPath(name string) string {
+	p, err := transport.DefaultSocketPath(name)
+	if err != nil {
+		panic(err)
+	}
+	return p
+}
+
+func printStats(prefix string) {
+	b, _ := json.Marshal(kshm.ReadStats())
+	shmtest.Printf("%s %s", prefix, b)
+}
