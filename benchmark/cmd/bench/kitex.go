@@ -33,22 +33,30 @@ func kitexTransports() []transportDef {
 
 // kitexExtra adds a transport's own options to the common ones.
 type kitexExtra struct {
-	client func(p params) []client.Option
-	server func(p params) []server.Option
+	// netpollAddr is the server's usual (netpoll) address when p.sock is
+	// the transport's own.
+	netpollAddr func(p params) string
+	client      func(p params) []client.Option
+	server      func(p params) []server.Option
+	fallbacks   func() uint64
 }
 
-func kitexAddr(p params) net.Addr {
-	if a, err := net.ResolveTCPAddr("tcp", p.sock); err == nil && a.Port != 0 {
+func kitexAddr(p params, x *kitexExtra) net.Addr {
+	addr := p.sock
+	if x != nil && x.netpollAddr != nil {
+		addr = x.netpollAddr(p)
+	}
+	if a, err := net.ResolveTCPAddr("tcp", addr); err == nil && a.Port != 0 {
 		return a
 	}
-	return &net.UnixAddr{Net: "unix", Name: p.sock}
+	return &net.UnixAddr{Net: "unix", Name: addr}
 }
 
 func dialKitex(x *kitexExtra) func(p params) (clientSide, error) {
 	return func(p params) (clientSide, error) {
 		klog.SetLevel(klog.LevelError)
 		opts := []client.Option{
-			client.WithHostPorts(p.sock),
+			client.WithHostPorts(kitexAddr(p, x).String()),
 			client.WithTransportProtocol(transport.TTHeaderFramed),
 			client.WithRPCTimeout(30 * time.Second),
 			client.WithConnectTimeout(5 * time.Second),
@@ -66,13 +74,25 @@ func dialKitex(x *kitexExtra) func(p params) (clientSide, error) {
 		if err != nil {
 			return nil, err
 		}
-		return &kitexClient{cli: cli, size: p.size}, nil
+		c := &kitexClient{cli: cli, size: p.size}
+		if x != nil {
+			c.fallbackCount = x.fallbacks
+		}
+		return c, nil
 	}
 }
 
 type kitexClient struct {
-	cli  echoservice.Client
-	size int
+	cli           echoservice.Client
+	size          int
+	fallbackCount func() uint64
+}
+
+func (c *kitexClient) fallbacks() uint64 {
+	if c.fallbackCount == nil {
+		return 0
+	}
+	return c.fallbackCount()
 }
 
 func (c *kitexClient) newCaller(int) (caller, error) {
@@ -129,9 +149,9 @@ type kitexServer struct {
 func serveKitex(x *kitexExtra) func(p params, fail func(error)) (serverSide, error) {
 	return func(p params, fail func(error)) (serverSide, error) {
 		klog.SetLevel(klog.LevelError)
-		addr := kitexAddr(p)
+		addr := kitexAddr(p, x)
 		if addr.Network() == "unix" {
-			_ = os.Remove(p.sock)
+			_ = os.Remove(addr.String())
 		}
 		opts := []server.Option{
 			server.WithServiceAddr(addr),
@@ -144,10 +164,15 @@ func serveKitex(x *kitexExtra) func(p params, fail func(error)) (serverSide, err
 		srv := echoservice.NewServer(&benchEcho{fail: fail}, opts...)
 		s := &kitexServer{srv: srv, done: make(chan error, 1)}
 		go func() { s.done <- srv.Run() }()
-		// Ready when the address accepts connections.
+		// Ready when the address (and the transport's own socket) accept
+		// connections.
+		ready := addr
+		if x != nil && x.netpollAddr != nil {
+			ready = &net.UnixAddr{Net: "unix", Name: p.sock}
+		}
 		deadline := time.Now().Add(10 * time.Second)
 		for {
-			conn, err := net.DialTimeout(addr.Network(), addr.String(), time.Second)
+			conn, err := net.DialTimeout(ready.Network(), ready.String(), time.Second)
 			if err == nil {
 				conn.Close()
 				return s, nil

@@ -108,6 +108,7 @@ type roundResult struct {
 	allocs, serverAllocs      float64 // per call
 	serverRSS, serverShmem    float64 // KiB
 	clientRSS                 float64 // KiB per client process
+	fallbacks                 uint64  // calls that did not go through shared memory
 }
 
 type orchestrator struct {
@@ -228,8 +229,12 @@ func orchestrate(o options) error {
 					continue
 				}
 				results[k] = append(results[k], r)
-				fmt.Fprintf(os.Stderr, "%s p50 %s p99 %s %s/s cpu %.1fµs/call allocs %.1f%s\n",
-					or.prefix(round, d, c), fmtUs(r.p50), fmtUs(r.p99), fmtCount(r.qps), r.cpu, r.allocs, or.eta())
+				fb := ""
+				if r.fallbacks > 0 {
+					fb = fmt.Sprintf(" FALLBACKS %d/%d", r.fallbacks, r.calls)
+				}
+				fmt.Fprintf(os.Stderr, "%s p50 %s p99 %s %s/s cpu %.1fµs/call allocs %.1f%s%s\n",
+					or.prefix(round, d, c), fmtUs(r.p50), fmtUs(r.p99), fmtCount(r.qps), r.cpu, r.allocs, fb, or.eta())
 			}
 		}
 		var recs []record
@@ -417,7 +422,7 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 	}
 	var h hist
 	var window, clientCPU int64
-	var clientMallocs uint64
+	var clientMallocs, fallbacks uint64
 	var clientRSS float64
 	for _, cl := range clients {
 		line, err := cl.recv(30 * time.Second)
@@ -444,6 +449,7 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		window = max(window, r.WindowNs)
 		clientCPU += r.CPUNs
 		clientMallocs += r.Mallocs
+		fallbacks += r.Fallbacks
 		clientRSS += float64(r.RSSKiB) / float64(c.clients)
 	}
 	for _, cl := range clients {
@@ -480,6 +486,7 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		serverRSS:    float64(s1.rss),
 		serverShmem:  float64(s1.shmem),
 		clientRSS:    clientRSS,
+		fallbacks:    fallbacks,
 	}
 	res.cpu = res.clientCPU + res.serverCPU
 	return res, nil

@@ -46,7 +46,10 @@ type record struct {
 	CPURounds []float64 `json:"cpu_us_per_call_rounds"`
 	Rounds    int       `json:"rounds"`
 	Calls     uint64    `json:"calls"` // measured calls, all rounds together
-	Errors    []string  `json:"errors,omitempty"`
+	// Fallbacks counts measured calls (all rounds) that went over Kitex's
+	// netpoll fallback or the session socket instead of shared memory.
+	Fallbacks uint64   `json:"fallbacks"`
+	Errors    []string `json:"errors,omitempty"`
 
 	Machine machine `json:"machine"`
 	Date    string  `json:"date"`
@@ -140,6 +143,7 @@ func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m m
 		rec.QPSRounds = append(rec.QPSRounds, round3(qps[i]))
 		rec.CPURounds = append(rec.CPURounds, round3(cpu[i]))
 		rec.Calls += rs[i].calls
+		rec.Fallbacks += rs[i].fallbacks
 	}
 	return rec
 }

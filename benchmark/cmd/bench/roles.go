@@ -77,7 +77,10 @@ type clientResult struct {
 	MaxNs    float64 `json:"max_ns"`
 	CPUNs    int64   `json:"cpu_ns"`
 	Mallocs  uint64  `json:"mallocs"`
-	RSSKiB   int64   `json:"rss_kib"`
+	// Fallbacks counts calls that did not go through shared memory (kshm
+	// Kitex transport only).
+	Fallbacks uint64 `json:"fallbacks"`
+	RSSKiB    int64  `json:"rss_kib"`
 	// Hist is the latency histogram as (bucket, count) pairs, so the
 	// orchestrator can merge the clients of the scale case exactly.
 	Hist [][2]uint64 `json:"hist"`
@@ -193,7 +196,14 @@ func runClient(o options) error {
 		stop()
 		return err
 	}
-	m0, c0, t0 := mallocs(), cpuNanos(), time.Now()
+	fb, _ := cs.(interface{ fallbacks() uint64 })
+	fallbacks := func() uint64 {
+		if fb == nil {
+			return 0
+		}
+		return fb.fallbacks()
+	}
+	f0, m0, c0, t0 := fallbacks(), mallocs(), cpuNanos(), time.Now()
 	phase.Store(phaseMeasure)
 	if err := sleep(o.duration); err != nil {
 		return report(err)
@@ -206,7 +216,7 @@ func runClient(o options) error {
 		}
 	}
 	phase.Store(phaseCool)
-	t1, c1, m1 := time.Now(), cpuNanos(), mallocs()
+	t1, c1, m1, f1 := time.Now(), cpuNanos(), mallocs(), fallbacks()
 	fmt.Fprintln(ctl, "end")
 	if err := expect("stop"); err != nil {
 		stop()
@@ -223,7 +233,7 @@ func runClient(o options) error {
 	res := clientResult{
 		Calls: h.n, WindowNs: t1.Sub(t0).Nanoseconds(),
 		P50Ns: h.quantile(0.50), P99Ns: h.quantile(0.99), P999Ns: h.quantile(0.999), MaxNs: float64(h.max),
-		CPUNs: c1 - c0, Mallocs: m1 - m0,
+		CPUNs: c1 - c0, Mallocs: m1 - m0, Fallbacks: f1 - f0,
 	}
 	res.RSSKiB, _ = memKiB()
 	for i, n := range h.counts {
