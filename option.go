@@ -21,6 +21,7 @@ import (
 	"github.com/cloudwego/kitex/server"
 	ktransport "github.com/cloudwego/kitex/transport"
 
+	"github.com/shmkit/kshm/codec"
 	"github.com/shmkit/kshm/shm"
 	"github.com/shmkit/kshm/transport"
 )
@@ -254,6 +255,11 @@ type Stats struct {
 	PlainConns      uint64 // plain Kitex connections accepted on the unix socket
 	ActiveConns     int64  // virtual connections open now
 
+	// Why messages went over a session socket (sums to InlineRequests +
+	// InlineResponses): arena full, buffer quota reached, message larger
+	// than the maximum message size.
+	InlineNoMemory, InlineQuota, InlineTooLarge uint64
+
 	Engine shm.Stats // the engine's counters
 }
 
@@ -261,7 +267,11 @@ type Stats struct {
 func ReadStats() Stats {
 	e := shm.ReadStats()
 	t := transport.ReadCounters()
+	r := codec.ReadFallbackReasons()
 	return Stats{
+		InlineNoMemory:  r.NoMemory,
+		InlineQuota:     r.Quota,
+		InlineTooLarge:  r.TooLarge,
 		Sessions:        e.Sessions,
 		Calls:           t.CallsSent + t.CallsServed,
 		Fallbacks:       t.FallbackCalls + e.InlineSent,

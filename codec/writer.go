@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cloudwego/kitex/pkg/remote"
 
@@ -29,6 +30,39 @@ var (
 	errFlushed        = errors.New("kshm codec: write buffer already flushed")
 	errTooManySegment = errors.New("kshm codec: message needs more than shm.MaxSegments buffers")
 )
+
+// Why messages went over the session socket, process-wide.
+var fallbackReasons struct {
+	noMemory, quota, tooLarge atomic.Uint64
+}
+
+// FallbackReasons are the counts of messages sent over the session socket,
+// by the reason shared memory could not take them.
+type FallbackReasons struct {
+	NoMemory uint64 // the arena had no free block large enough (shm.ErrNoMemory)
+	Quota    uint64 // the session had its maximum of buffers in flight (shm.ErrQuota)
+	TooLarge uint64 // the message exceeded the maximum message size (shm.ErrTooLarge)
+}
+
+// ReadFallbackReasons returns the process-wide counts.
+func ReadFallbackReasons() FallbackReasons {
+	return FallbackReasons{
+		NoMemory: fallbackReasons.noMemory.Load(),
+		Quota:    fallbackReasons.quota.Load(),
+		TooLarge: fallbackReasons.tooLarge.Load(),
+	}
+}
+
+func countReason(err error) {
+	switch {
+	case errors.Is(err, shm.ErrNoMemory):
+		fallbackReasons.noMemory.Add(1)
+	case errors.Is(err, shm.ErrQuota):
+		fallbackReasons.quota.Add(1)
+	case errors.Is(err, shm.ErrTooLarge):
+		fallbackReasons.tooLarge.Add(1)
+	}
+}
 
 // IsFallbackReason reports whether err, from Session.Alloc, means "no shared
 // memory for this message now" (the message then goes over the socket),
@@ -189,6 +223,7 @@ func (w *WriteBuffer) Flush() error {
 		}
 		// The engine refused the buffers (e.g. quota at send time): fall
 		// through to the socket; the buffers are still ours.
+		w.heapReason = err
 	}
 	if errors.Is(w.heapReason, errTooManySegment) {
 		// Everything fitted in shared memory, just not in MaxSegments
@@ -204,6 +239,8 @@ func (w *WriteBuffer) Flush() error {
 			return nil
 		} else if !IsFallbackReason(err) {
 			return err
+		} else {
+			w.heapReason = err
 		}
 	}
 	data := w.gather(make([]byte, 0, w.written))
@@ -211,6 +248,7 @@ func (w *WriteBuffer) Flush() error {
 	if err := w.s.SendInline(w.ctx, w.id, w.aux, w.kind, data); err != nil {
 		return err
 	}
+	countReason(w.heapReason)
 	w.sent(true)
 	return nil
 }
