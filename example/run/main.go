@@ -30,32 +30,43 @@ const (
 )
 
 func main() {
-	if err := run(); err != nil {
+	// SIGINT or SIGTERM stops the client and the server (they are not left
+	// behind) and fails the run.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(2)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "run: FAIL:", err)
 		os.Exit(1)
 	}
 	fmt.Println("run: ok")
 }
 
-func run() error {
+// run runs the example with the command-line arguments args. The client's
+// table goes to stdout, everything else (build output, the server's and the
+// client's logs) to stderr; both may be written from several goroutines.
+// Cancelling sigCtx stops the client and the server and fails the run.
+func run(sigCtx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
 	var (
-		duration    = flag.Duration("duration", time.Second, "client: how long to call Echo at each payload size")
-		concurrency = flag.Int("concurrency", 1, "client: concurrent callers")
-		sizes       = flag.String("sizes", "", "client: comma-separated payload sizes in bytes (empty: the client's default)")
-		wake        = flag.String("wake", "", "kshm wake mode for both sides: notify, poll or timed (empty: default)")
-		regionSize  = flag.Int("region-size", 0, "kshm region size in bytes for both sides (0: default)")
-		maxMessage  = flag.Int("max-message", 0, "largest message kshm carries in shared memory, both sides (0: default)")
-		compareTCP  = flag.Bool("compare-tcp", false, "client: also measure each size over plain Kitex on TCP, for comparison")
-		race        = flag.Bool("race", false, "build the server and client with the race detector")
-		readyWait   = flag.Duration("ready-timeout", 30*time.Second, "how long to wait for the server to be ready")
-		stopWait    = flag.Duration("stop-timeout", 15*time.Second, "how long to wait for the server to exit after SIGTERM")
+		duration    = fs.Duration("duration", time.Second, "client: how long to call Echo at each payload size")
+		concurrency = fs.Int("concurrency", 1, "client: concurrent callers")
+		sizes       = fs.String("sizes", "", "client: comma-separated payload sizes in bytes (empty: the client's default)")
+		wake        = fs.String("wake", "", "kshm wake mode for both sides: notify, poll or timed (empty: default)")
+		regionSize  = fs.Int("region-size", 0, "kshm region size in bytes for both sides (0: default)")
+		maxMessage  = fs.Int("max-message", 0, "largest message kshm carries in shared memory, both sides (0: default)")
+		compareTCP  = fs.Bool("compare-tcp", false, "client: also measure each size over plain Kitex on TCP, for comparison")
+		race        = fs.Bool("race", false, "build the server and client with the race detector")
+		readyWait   = fs.Duration("ready-timeout", 30*time.Second, "how long to wait for the server to be ready")
+		stopWait    = fs.Duration("stop-timeout", 15*time.Second, "how long to wait for the server to exit after SIGTERM")
 	)
-	flag.Parse()
-
-	// SIGINT or SIGTERM stops the client and the server (they are not left
-	// behind) and fails the run.
-	sigCtx, stopSignals := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stopSignals()
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
 
 	dir, err := os.MkdirTemp("", "kshm-example-")
 	if err != nil {
@@ -63,13 +74,13 @@ func run() error {
 	}
 	defer os.RemoveAll(dir)
 
-	fmt.Println("run: building server and client")
+	fmt.Fprintln(stdout, "run: building server and client")
 	buildArgs := []string{"build", "-o", dir + string(filepath.Separator)}
 	if *race {
 		buildArgs = append(buildArgs, "-race")
 	}
 	build := exec.Command(goCommand(), append(buildArgs, serverPkg, clientPkg)...)
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	build.Stdout, build.Stderr = stderr, stderr
 	if err := build.Run(); err != nil {
 		return fmt.Errorf("go build: %w", err)
 	}
@@ -88,7 +99,7 @@ func run() error {
 	socketPath := filepath.Join(dir, "kshm.sock")
 	srv := exec.Command(filepath.Join(dir, "server"),
 		append([]string{"-addr", "127.0.0.1:0", "-socket", socketPath}, shared...)...)
-	srv.Stderr = prefixWriter("server| ", os.Stderr)
+	srv.Stderr = prefixWriter("server| ", stderr)
 	srvOut, err := srv.StdoutPipe()
 	if err != nil {
 		return err
@@ -126,7 +137,7 @@ func run() error {
 				default:
 				}
 			}
-			fmt.Fprintln(os.Stderr, "server| "+line)
+			fmt.Fprintln(stderr, "server| "+line)
 		}
 		srvDone <- srv.Wait()
 	}()
@@ -142,21 +153,21 @@ func run() error {
 	case <-sigCtx.Done():
 		return errors.New("interrupted")
 	}
-	fmt.Printf("run: server ready: tcp %s, kshm %s\n", addrs[0], addrs[1])
+	fmt.Fprintf(stdout, "run: server ready: tcp %s, kshm %s\n", addrs[0], addrs[1])
 
-	args := append([]string{"-addr", addrs[0], "-socket", addrs[1],
+	cliArgs := append([]string{"-addr", addrs[0], "-socket", addrs[1],
 		"-duration", duration.String(), "-concurrency", fmt.Sprint(*concurrency)}, shared...)
 	if *sizes != "" {
-		args = append(args, "-sizes", *sizes)
+		cliArgs = append(cliArgs, "-sizes", *sizes)
 	}
 	if *compareTCP {
-		args = append(args, "-compare-tcp")
+		cliArgs = append(cliArgs, "-compare-tcp")
 	}
 	// The client's own limit: every size's duration plus generous slack.
 	ctx, cancel := context.WithTimeout(sigCtx, 10*(*duration)+60*time.Second)
 	defer cancel()
-	cli := exec.CommandContext(ctx, filepath.Join(dir, "client"), args...)
-	cli.Stdout, cli.Stderr = os.Stdout, prefixWriter("client| ", os.Stderr)
+	cli := exec.CommandContext(ctx, filepath.Join(dir, "client"), cliArgs...)
+	cli.Stdout, cli.Stderr = stdout, prefixWriter("client| ", stderr)
 	cli.WaitDelay = 5 * time.Second
 	clientErr := cli.Run()
 	if sigCtx.Err() != nil {
@@ -177,7 +188,7 @@ func run() error {
 		return fmt.Errorf("server: %w", serverErr)
 	}
 	if _, err := os.Stat(socketPath); err == nil {
-		fmt.Fprintln(os.Stderr, "run: note: the server left its socket file behind")
+		fmt.Fprintln(stderr, "run: note: the server left its socket file behind")
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
