@@ -107,7 +107,7 @@ type roundResult struct {
 	cpu, clientCPU, serverCPU float64 // µs per call
 	allocs, serverAllocs      float64 // per call
 	serverRSS, serverShmem    float64 // KiB
-	clientRSS                 float64 // KiB per client process
+	clientRSS, clientShmem    float64 // KiB per client process
 	fallbacks                 uint64  // calls that did not go through shared memory
 }
 
@@ -188,15 +188,35 @@ func orchestrate(o options) error {
 			}
 		}
 	}
-	if len(byLayer["engine"]) > 0 {
+	// The scale case runs the default mode of each engine transport: poll
+	// mode with many client processes would only measure spinning.
+	scaleDefs := map[string]bool{}
+	for _, d := range byLayer["engine"] {
+		if d.name == "kshm" || d.name == "uds" || d.name == "shmipc-go" {
+			scaleDefs[d.id()] = true
+		}
+	}
+	if len(scaleDefs) > 0 {
 		for _, n := range set.scaleClients {
 			cases = append(cases, benchCase{layer: "engine", size: set.scaleSize, conc: set.scaleConc, clients: n, scale: true})
 		}
 	}
 
 	or := &orchestrator{self: self, dir: dir, set: set, started: time.Now()}
+	transportsOf := func(c benchCase) []transportDef {
+		if !c.scale {
+			return byLayer[c.layer]
+		}
+		var ts []transportDef
+		for _, d := range byLayer[c.layer] {
+			if scaleDefs[d.id()] {
+				ts = append(ts, d)
+			}
+		}
+		return ts
+	}
 	for _, c := range cases {
-		or.total += len(byLayer[c.layer]) * set.rounds
+		or.total += len(transportsOf(c)) * set.rounds
 	}
 	meta := machineInfo()
 	fmt.Fprintf(os.Stderr, "bench: mode %s, %d rounds x %d measurements, %v warm-up + %v each; %s, %d cpus, go %s\n",
@@ -211,7 +231,7 @@ func orchestrate(o options) error {
 	var order []key
 	for round := 0; round < set.rounds; round++ {
 		for _, c := range cases {
-			ts := byLayer[c.layer]
+			ts := transportsOf(c)
 			for i := range ts {
 				d := ts[(i+round)%len(ts)] // rotate the order from round to round
 				k := key{d.id(), c}
@@ -423,7 +443,7 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 	var h hist
 	var window, clientCPU int64
 	var clientMallocs, fallbacks uint64
-	var clientRSS float64
+	var clientRSS, clientShmem float64
 	for _, cl := range clients {
 		line, err := cl.recv(30 * time.Second)
 		if err != nil {
@@ -451,6 +471,7 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		clientMallocs += r.Mallocs
 		fallbacks += r.Fallbacks
 		clientRSS += float64(r.RSSKiB) / float64(c.clients)
+		clientShmem += float64(r.ShmemKiB) / float64(c.clients)
 	}
 	for _, cl := range clients {
 		if err = cl.stop(10 * time.Second); err != nil {
@@ -486,6 +507,7 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		serverRSS:    float64(s1.rss),
 		serverShmem:  float64(s1.shmem),
 		clientRSS:    clientRSS,
+		clientShmem:  clientShmem,
 		fallbacks:    fallbacks,
 	}
 	res.cpu = res.clientCPU + res.serverCPU

@@ -35,6 +35,7 @@ type record struct {
 	ServerRSSKiB        float64 `json:"server_rss_kib"`
 	ServerShmemKiB      float64 `json:"server_shmem_kib"` // RssShmem: shared memory resident in the server
 	ClientRSSKiB        float64 `json:"client_rss_kib"`   // per client process
+	ClientShmemKiB      float64 `json:"client_shmem_kib"` // per client process
 
 	// Spreads are (max-min)/median over the rounds, as fractions.
 	P50Spread float64   `json:"p50_spread"`
@@ -133,6 +134,7 @@ func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m m
 	rec.ServerRSSKiB = med(func(r roundResult) float64 { return r.serverRSS })
 	rec.ServerShmemKiB = med(func(r roundResult) float64 { return r.serverShmem })
 	rec.ClientRSSKiB = med(func(r roundResult) float64 { return r.clientRSS })
+	rec.ClientShmemKiB = med(func(r roundResult) float64 { return r.clientShmem })
 	p50 := col(func(r roundResult) float64 { return r.p50 })
 	qps := col(func(r roundResult) float64 { return r.qps })
 	cpu := col(func(r roundResult) float64 { return r.cpu })

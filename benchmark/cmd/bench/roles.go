@@ -81,6 +81,7 @@ type clientResult struct {
 	// Kitex transport only).
 	Fallbacks uint64 `json:"fallbacks"`
 	RSSKiB    int64  `json:"rss_kib"`
+	ShmemKiB  int64  `json:"shmem_kib"`
 	// Hist is the latency histogram as (bucket, count) pairs, so the
 	// orchestrator can merge the clients of the scale case exactly.
 	Hist [][2]uint64 `json:"hist"`
@@ -235,7 +236,7 @@ func runClient(o options) error {
 		P50Ns: h.quantile(0.50), P99Ns: h.quantile(0.99), P999Ns: h.quantile(0.999), MaxNs: float64(h.max),
 		CPUNs: c1 - c0, Mallocs: m1 - m0, Fallbacks: f1 - f0,
 	}
-	res.RSSKiB, _ = memKiB()
+	res.RSSKiB, res.ShmemKiB = memKiB()
 	for i, n := range h.counts {
 		if n != 0 {
 			res.Hist = append(res.Hist, [2]uint64{uint64(i), n})
