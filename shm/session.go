@@ -63,6 +63,7 @@ type Session struct {
 	// recvMu guards head, our consumer index of the peer's send ring.
 	recvMu   sync.Mutex
 	head     uint64
+	spinHits int // rate of waits within SpinTime, for the adaptive spin
 	held     atomic.Int64 // peer buffers received and not yet released
 	recvWake chan struct{}
 	inlineQ  chan Message
@@ -99,6 +100,7 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 		s.freeSlots[i] = n - 1 - uint32(i)
 	}
 	s.leakLogged = make([]uint32, n)
+	s.spinHits = spinHitsOne
 	s.refs.Store(1) // the session's own reference, dropped by close
 	global.sessions.Add(1)
 	go s.reader()
@@ -480,14 +482,23 @@ func (s *Session) Recv(ctx context.Context) (Message, error) {
 	defer s.releaseRef()
 	s.recvMu.Lock()
 	defer s.recvMu.Unlock()
-	var spinStart time.Time
+	var start, spinStart time.Time
+	var budget time.Duration
 	for i := 0; ; i++ {
 		ok, err := s.tryRecv(&m)
 		if ok || err != nil {
+			if i > 0 && ok {
+				s.observeWait(time.Since(start))
+			}
 			return m, err
 		}
 		if s.closed.Load() {
 			return m, s.closedErr()
+		}
+		if i == 0 {
+			start = time.Now()
+			spinStart, budget = start, s.spinBudget()
+			continue
 		}
 		if i&63 == 63 {
 			select {
@@ -503,23 +514,54 @@ func (s *Session) Recv(ctx context.Context) (Message, error) {
 			s.reclaim()
 			time.Sleep(s.cfg.PollInterval)
 		default:
-			if i == 0 {
-				spinStart = time.Now()
-				continue
-			}
 			if i&15 != 0 {
 				continue
 			}
-			if time.Since(spinStart) < s.cfg.SpinTime {
+			if time.Since(spinStart) < budget {
 				runtime.Gosched()
 				continue
 			}
 			if err := s.sleep(ctx); err != nil {
 				return m, err
 			}
-			spinStart = time.Now()
+			// Woken: the message is normally there; poll briefly only.
+			spinStart, budget = time.Now(), minSpin
 		}
 	}
+}
+
+// minSpin is how long a receiver polls before sleeping when its waits are
+// long anyway (an idle session costs almost no CPU).
+const minSpin = 2 * time.Microsecond
+
+// spinBudget is how long Recv polls before it sleeps (notify mode). It adapts
+// to the waits the receiver has seen: while most messages arrive within
+// Config.SpinTime of the receiver starting to wait, it polls up to SpinTime,
+// so that a busy session makes no syscalls at all; when most take longer,
+// it polls for minSpin only and sleeps, so an idle session costs almost no
+// CPU. A robust hit rate rather than a mean: one preempted wait must not
+// switch polling off. recvMu held.
+func (s *Session) spinBudget() time.Duration {
+	if s.spinHits >= spinHitsHalf {
+		return s.cfg.SpinTime
+	}
+	return minSpin
+}
+
+// spinHits is an exponentially weighted rate (weight 1/16, fixed point,
+// spinHitsOne = 100%) of waits that ended within SpinTime.
+const (
+	spinHitsOne  = 1 << 16
+	spinHitsHalf = spinHitsOne / 2
+)
+
+// observeWait folds one wait into the hit rate. recvMu held.
+func (s *Session) observeWait(d time.Duration) {
+	hit := 0
+	if d <= s.cfg.SpinTime {
+		hit = spinHitsOne
+	}
+	s.spinHits += (hit - s.spinHits) / 16
 }
 
 // sleep marks our receiver sleeping, rechecks the ring (so a message
