@@ -279,7 +279,7 @@ func orchestrate(o options) error {
 	}
 	recs, err := report.Load(out)
 	if err == nil {
-		err = report.Write(repDir, recs, "benchmark/"+filepath.ToSlash(out), reproduce(o))
+		err = report.Write(repDir, recs, report.Options{Source: "benchmark/" + filepath.ToSlash(out), Command: reproduce(o)})
 	}
 	if err != nil {
 		return fmt.Errorf("report: %w", err)

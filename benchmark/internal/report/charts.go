@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -38,7 +39,7 @@ func countTicks(ns []int) plot.ConstantTicks {
 }
 
 // drawLines draws one line per series on log-log axes.
-func drawLines(path, title, xLabel, yLabel string, xTicks plot.Ticker, ss []series, legendTop, legendLeft bool) error {
+func drawLines(path, title, xLabel, yLabel string, xTicks plot.Ticker, ss []series, legendTop, legendLeft, png bool) error {
 	p := plot.New()
 	p.Title.Text = title
 	p.X.Label.Text = xLabel
@@ -63,7 +64,13 @@ func drawLines(path, title, xLabel, yLabel string, xTicks plot.Ticker, ss []seri
 	if err := plotutil.AddLinePoints(p, vs...); err != nil {
 		return err
 	}
-	return p.Save(7*vg.Inch, 4.5*vg.Inch, path)
+	if err := p.Save(7*vg.Inch, 4.5*vg.Inch, path); err != nil {
+		return err
+	}
+	if png {
+		return p.Save(7*vg.Inch, 4.5*vg.Inch, strings.TrimSuffix(path, ".svg")+".png")
+	}
+	return nil
 }
 
 // metricSeries collects metric(size) of every transport of a layer at conc.
@@ -91,7 +98,7 @@ func hasConc(concs []int, c int) bool {
 }
 
 // charts draws every chart the data allows and returns them per layer.
-func (d *data) charts(dir string) (map[string][]chart, error) {
+func (d *data) charts(dir string, png bool) (map[string][]chart, error) {
 	out := map[string][]chart{}
 	for _, layer := range []string{"engine", "kitex"} {
 		concs := d.concs(layer)
@@ -124,7 +131,7 @@ func (d *data) charts(dir string) (map[string][]chart, error) {
 				continue
 			}
 			if err := drawLines(filepath.Join(dir, s.file), s.title, "payload size (each way)", s.y, ticks,
-				d.metricSeries(layer, s.conc, s.metric), s.top, s.left); err != nil {
+				d.metricSeries(layer, s.conc, s.metric), s.top, s.left, png); err != nil {
 				return nil, fmt.Errorf("%s: %w", s.file, err)
 			}
 			out[layer] = append(out[layer], chart{s.file, s.title})
@@ -149,7 +156,7 @@ func (d *data) charts(dir string) (map[string][]chart, error) {
 		title := fmt.Sprintf("throughput against client processes (%s, %d calls in flight per process)",
 			SizeName(r0.Size), r0.Concurrency/max(r0.Clients, 1))
 		if err := drawLines(filepath.Join(dir, "scale-throughput.svg"), title, "client processes", "calls per second",
-			countTicks(sortedKeys(set)), ss, false, false); err != nil {
+			countTicks(sortedKeys(set)), ss, false, false, png); err != nil {
 			return nil, err
 		}
 		out["scale"] = append(out["scale"], chart{"scale-throughput.svg", title})

@@ -169,9 +169,15 @@ func SizeName(n int) string {
 	return fmt.Sprintf("%d B", n)
 }
 
-// Write writes REPORT.md and its SVG charts into dir. source names the
-// results file and command names the command that reproduces it.
-func Write(dir string, recs []Record, source, command string) error {
+// Options say where a report comes from and what to draw.
+type Options struct {
+	Source  string // the results file, as the report names it
+	Command string // the command that reproduces the results
+	PNG     bool   // also write each chart as PNG
+}
+
+// Write writes REPORT.md and its SVG charts into dir.
+func Write(dir string, recs []Record, o Options) error {
 	if len(recs) == 0 {
 		return fmt.Errorf("no records")
 	}
@@ -180,10 +186,10 @@ func Write(dir string, recs []Record, source, command string) error {
 	}
 	d := index(recs)
 	var b strings.Builder
-	charts, err := d.charts(dir)
+	charts, err := d.charts(dir, o.PNG)
 	if err != nil {
 		return err
 	}
-	d.markdown(&b, source, command, charts)
+	d.markdown(&b, o.Source, o.Command, charts)
 	return os.WriteFile(filepath.Join(dir, "REPORT.md"), []byte(b.String()), 0o644)
 }
