@@ -108,7 +108,7 @@ func TestCorrupt_ReleaseOfUnheldBuffer(t *testing.T) {
 }
 
 func TestCorrupt_HeaderRejectedAtMap(t *testing.T) {
-	r, err := createRegion(2<<20, 64, 64, 64, 64<<10, roleClient)
+	r, err := createRegion(2<<20, 64, 64, 64, 64<<10, roleClient, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -150,7 +150,7 @@ func TestCorrupt_HeaderRejectedAtMap(t *testing.T) {
 func TestRegion_LargerThanMemoryFails(t *testing.T) {
 	// Ask for far more than the machine has: the check reads MemAvailable and
 	// the memory cgroup read-only, and nothing is reserved.
-	_, err := createRegion(1<<40, 64, 64, 64, 64<<10, roleClient)
+	_, err := createRegion(1<<40, 64, 64, 64, 64<<10, roleClient, 0)
 	if !errors.Is(err, ErrInsufficientMemory) {
 		t.Fatalf("createRegion(1 TiB) = %v, want ErrInsufficientMemory", err)
 	}

@@ -87,7 +87,7 @@ func ClientSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		return nil, err
 	}
 	local, err := createRegion(uint64(cfg.RegionSize), uint64(cfg.RingEntries), nextPow2(uint64(srv.SlotCount)),
-		uint64(cfg.maxBuffers()), uint64(cfg.MaxMessageSize), roleClient)
+		uint64(cfg.maxBuffers()), uint64(cfg.MaxMessageSize), roleClient, pid)
 	if err != nil {
 		peer.unmap()
 		return nil, err
@@ -152,7 +152,7 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	}
 	cfg.WakeMode = WakeMode(cli.WakeMode)
 	local, err := createRegion(uint64(cfg.RegionSize), uint64(cfg.RingEntries), nextPow2(uint64(cli.SlotCount)),
-		uint64(cfg.maxBuffers()), uint64(cfg.MaxMessageSize), roleServer)
+		uint64(cfg.maxBuffers()), uint64(cfg.MaxMessageSize), roleServer, pid)
 	if err != nil {
 		refuse := hello{Status: statusRefused, Reason: "server cannot create its region"}
 		conn.Write(refuse.encode())

@@ -69,7 +69,7 @@ func FuzzParseFrame(f *testing.F) {
 }
 
 func FuzzValidateHeader(f *testing.F) {
-	r, err := createRegion(2<<20, 64, 64, 64, 64<<10, roleServer)
+	r, err := createRegion(2<<20, 64, 64, 64, 64<<10, roleServer, 0)
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -48,7 +48,8 @@ type regionHeader struct {
 	PID         uint32 // creator's pid
 	CreatedUnix int64  // creation time, unix nanoseconds
 	Role        uint32 // roleClient or roleServer
-	_           [20]byte
+	PeerPID     uint32 // the peer's pid (SO_PEERCRED), for operators
+	_           [16]byte
 
 	// State word of the owner's receiver: low 32 bits count goroutines
 	// sleeping until the peer makes progress; high 32 bits an epoch bumped

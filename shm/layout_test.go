@@ -25,6 +25,7 @@ func TestLayout_Pinned(t *testing.T) {
 		{"offset ArenaOff", unsafe.Offsetof(h.ArenaOff), 64},
 		{"offset MaxMessage", unsafe.Offsetof(h.MaxMessage), 80},
 		{"offset Role", unsafe.Offsetof(h.Role), 104},
+		{"offset PeerPID", unsafe.Offsetof(h.PeerPID), 108},
 		{"sizeof counters", unsafe.Sizeof(counters{}), 128},
 		{"sizeof desc", unsafe.Sizeof(desc{}), descSize},
 		{"offset desc.Len", unsafe.Offsetof(desc{}.Len), 24},

@@ -28,7 +28,7 @@ const requiredSeals = unix.F_SEAL_SHRINK | unix.F_SEAL_GROW
 
 // createRegion makes our region: a sealed memfd of size bytes, pages
 // reserved up front, mapped read-write, header written.
-func createRegion(size, ringEntries, relEntries, slotCount, maxMessage uint64, role uint32) (*region, error) {
+func createRegion(size, ringEntries, relEntries, slotCount, maxMessage uint64, role uint32, peerPID int32) (*region, error) {
 	g := computeGeometry(size, ringEntries, relEntries, slotCount)
 	if g.arenaSize < maxMessage || g.arenaSize == 0 {
 		return nil, fmt.Errorf("%w: region of %d bytes leaves an arena of %d bytes, smaller than the maximum message (%d)",
@@ -72,7 +72,7 @@ func createRegion(size, ringEntries, relEntries, slotCount, maxMessage uint64, r
 		RingOff: g.ringOff, RingEntries: uint32(g.ringEntries), DescSize: descSize,
 		RelOff: g.relOff, RelEntries: uint32(g.relEntries), SlotCount: uint32(g.slotCount), SlotOff: g.slotOff,
 		ArenaOff: g.arenaOff, ArenaSize: g.arenaSize, MaxMessage: maxMessage, BlockSize: MinBlockSize,
-		PID: uint32(os.Getpid()), CreatedUnix: time.Now().UnixNano(), Role: role,
+		PID: uint32(os.Getpid()), CreatedUnix: time.Now().UnixNano(), Role: role, PeerPID: uint32(peerPID),
 	}
 	r.bind()
 	return r, nil

@@ -63,7 +63,7 @@ type Session struct {
 	// recvMu guards head, our consumer index of the peer's send ring.
 	recvMu   sync.Mutex
 	head     uint64
-	spinHits int // rate of waits within SpinTime, for the adaptive spin
+	spinHits int          // rate of waits within SpinTime, for the adaptive spin
 	held     atomic.Int64 // peer buffers received and not yet released
 	recvWake chan struct{}
 	inlineQ  chan Message
