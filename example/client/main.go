@@ -77,14 +77,14 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	echoCli, err := echoservice.NewClient(serviceName, opts...)
+	echoCli, err := newClient(echoservice.NewClient, opts)
 	if err != nil {
 		return err
 	}
 	if opts, err = common(true); err != nil {
 		return err
 	}
-	mathCli, err := mathservice.NewClient(serviceName, opts...)
+	mathCli, err := newClient(mathservice.NewClient, opts)
 	if err != nil {
 		return err
 	}
@@ -102,7 +102,7 @@ func run() error {
 		if opts, err = common(false); err != nil {
 			return err
 		}
-		if tcpCli, err = echoservice.NewClient(serviceName, opts...); err != nil {
+		if tcpCli, err = newClient(echoservice.NewClient, opts); err != nil {
 			return err
 		}
 	}
@@ -139,6 +139,17 @@ func run() error {
 	}
 	fmt.Println("shared-memory buffers: all returned")
 	return nil
+}
+
+// newClient calls a generated NewClient, with the panic Kitex options use to
+// reject a bad setting turned into an error.
+func newClient[C any](newC func(string, ...client.Option) (C, error), opts []client.Option) (c C, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("bad client option: %v", r)
+		}
+	}()
+	return newC(serviceName, opts...)
 }
 
 func parseSizes(s string) ([]int, error) {

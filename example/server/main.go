@@ -67,7 +67,7 @@ func run() error {
 	}()
 
 	eh := &echoHandler{}
-	svr := server.NewServer(
+	svr, err := newServer(
 		server.WithListener(ln),
 		server.WithServerBasicInfo(&rpcinfo.EndpointBasicInfo{ServiceName: "kshm-example"}),
 		server.WithMetaHandler(transmeta.ServerTTHeaderHandler),
@@ -76,6 +76,9 @@ func run() error {
 		server.WithExitSignal(func() <-chan error { return stop }),
 		shmOpt,
 	)
+	if err != nil {
+		return err
+	}
 	if err := echoservice.RegisterService(svr, eh); err != nil {
 		return err
 	}
@@ -84,10 +87,12 @@ func run() error {
 	}
 
 	// Run blocks until the exit signal; announce readiness once both the TCP
-	// listener and the kshm socket are there.
+	// listener and kshm's socket are there (a new socket: a file left at the
+	// path by an earlier server does not count).
+	old, _ := os.Stat(*socketPath) // nil if there is none
 	runErr := make(chan error, 1)
 	go func() { runErr <- svr.Run() }()
-	if err := waitSocket(*socketPath, 10*time.Second, runErr); err != nil {
+	if err := waitSocket(*socketPath, old, 10*time.Second, runErr); err != nil {
 		_ = svr.Stop()
 		return err
 	}
@@ -98,9 +103,28 @@ func run() error {
 	return err
 }
 
-// waitSocket waits until path is a unix socket (kshm's listener is up),
-// until timeout, or until the server ends early (its error is returned).
-func waitSocket(path string, timeout time.Duration, runErr chan error) error {
+// isNew reports whether fi is not the file old (nil: there was none).
+// Inode numbers are reused at once on some file systems, so a file that
+// replaced old may have old's inode; its modification time tells them apart.
+func isNew(old, fi os.FileInfo) bool {
+	return old == nil || !os.SameFile(old, fi) || !old.ModTime().Equal(fi.ModTime())
+}
+
+// newServer is server.NewServer, with the panic Kitex options use to reject
+// a bad setting turned into an error.
+func newServer(opts ...server.Option) (svr server.Server, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("bad server option: %v", r)
+		}
+	}()
+	return server.NewServer(opts...), nil
+}
+
+// waitSocket waits until path is a unix socket other than old (kshm's
+// listener is up), until timeout, or until the server ends early (its error
+// is returned).
+func waitSocket(path string, old os.FileInfo, timeout time.Duration, runErr chan error) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		select {
@@ -111,7 +135,7 @@ func waitSocket(path string, timeout time.Duration, runErr chan error) error {
 			return err
 		default:
 		}
-		if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeSocket != 0 && isNew(old, fi) {
 			return nil
 		}
 		if time.Now().After(deadline) {
