@@ -40,7 +40,7 @@ gen:
 # Longer fuzzing of every parser of peer input (FUZZTIME per target).
 FUZZTIME ?= 1m
 fuzz:
-	for f in FuzzDecodeHello FuzzParseFrame FuzzValidateHeader FuzzRecvDescriptors; do \
+	for f in FuzzDecodeHello FuzzParseFrame FuzzValidateHeader FuzzRecvDescriptors FuzzReleaseEntries; do \
 		$(GO) test -run XXX -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./shm/ || exit 1; \
 	done
 

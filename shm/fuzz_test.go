@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unsafe"
@@ -133,5 +134,52 @@ func FuzzRecvDescriptors(f *testing.F) {
 		}
 		// The message is dropped unreleased: the client never allocated
 		// these slots, and the pair is closed at the end of this input.
+	})
+}
+
+// FuzzReleaseEntries writes arbitrary release entries into the client's
+// release ring (the real mapping); the server's allocator must either take
+// back exactly the buffers the client holds or close the session with
+// ErrCorrupt.
+func FuzzReleaseEntries(f *testing.F) {
+	f.Add([]byte{0, 0, 0, 0, 0, 0, 0, 0}, uint8(1))
+	f.Add([]byte{1, 0, 0, 0, 0, 0, 0, 0}, uint8(3))
+	f.Fuzz(func(t *testing.T, raw []byte, count uint8) {
+		cli, srv := pair(t, testConfig(), testConfig())
+		// The client holds three real server buffers.
+		var held []Message
+		for i := uint64(0); i < 3; i++ {
+			send(t, srv, i, []byte{byte(i)})
+			m, err := cli.Recv(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, m)
+		}
+		n := int(count % 8)
+		for i := 0; i < n; i++ {
+			var tok uint64
+			if len(raw) > 0 {
+				var b [8]byte
+				copy(b[:], raw[(i*8)%len(raw):])
+				tok = binary.LittleEndian.Uint64(b[:])
+			}
+			if len(raw) > 0 && raw[0]&1 == 1 && i < len(held) {
+				tok = held[i].tokens[0] // a real one, so the valid path runs too
+			}
+			atomic.StoreUint64(&cli.local.rel[cli.relTail&(cli.local.geo.relEntries-1)], tok)
+			cli.relTail++
+		}
+		atomic.StoreUint64(&cli.lh.RelTail, cli.relTail)
+		srv.reclaim()
+		if err := srv.Err(); err != nil && !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("session closed with %v", err)
+		}
+		if srv.Err() == nil {
+			st := srv.Stats()
+			if st.InUseBuffers < 0 || st.InUseBuffers > 3 {
+				t.Fatalf("in use %d after releases", st.InUseBuffers)
+			}
+		}
 	})
 }

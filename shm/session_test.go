@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -108,7 +109,17 @@ func waitIdle(t testing.TB, ss ...*Session) {
 }
 
 func TestSession_CloseWakesPeer(t *testing.T) {
+	before := runtime.NumGoroutine()
+	t.Cleanup(func() { // runs last: every goroutine the sessions started has exited
+		for i := 0; runtime.NumGoroutine() > before && i < 500; i++ {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if n := runtime.NumGoroutine(); n > before {
+			t.Errorf("%d goroutines after close, %d before", n, before)
+		}
+	})
 	cli, srv := pair(t, testConfig(), testConfig())
+	defer srv.Close()
 	errc := make(chan error, 1)
 	go func() {
 		_, err := srv.Recv(context.Background())
