@@ -253,7 +253,8 @@ type Stats struct {
 	LateResponses   uint64 // responses to calls that had given up: dropped and released
 	SessionsLost    uint64 // client sessions that died
 	PlainConns      uint64 // plain Kitex connections accepted on the unix socket
-	ActiveConns     int64  // virtual connections open now
+	ClientConns     int64  // client virtual connections open now
+	ServerConns     int64  // server virtual connections open now
 
 	// Why messages went over a session socket (sums to InlineRequests +
 	// InlineResponses): arena full, buffer quota reached, message larger
@@ -285,7 +286,8 @@ func ReadStats() Stats {
 		LateResponses:   t.LateResponses,
 		SessionsLost:    t.SessionsLost,
 		PlainConns:      t.PlainConns,
-		ActiveConns:     t.ActiveConns,
+		ClientConns:     t.ClientConns,
+		ServerConns:     t.ServerConns,
 		Engine:          e,
 	}
 }

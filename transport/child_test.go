@@ -30,6 +30,7 @@ import (
 // Child roles and their environment.
 const (
 	roleServer = "kitex-server"
+	roleClient = "kitex-client" // calls the server at KSHM_T_SOCK in a loop until killed
 
 	envSock     = "KSHM_T_SOCK"     // socket path ("" derives it from the service name)
 	envNoShm    = "KSHM_T_NOSHM"    // "1": a plain Kitex server without kshm
@@ -47,6 +48,8 @@ func TestMain(m *testing.M) {
 		os.Exit(m.Run())
 	case roleServer:
 		os.Exit(runServer())
+	case roleClient:
+		os.Exit(runClient())
 	default:
 		fmt.Fprintln(os.Stderr, "unknown child role", shmtest.Role())
 		os.Exit(2)
@@ -212,4 +215,26 @@ func defaultPath(name string) string {
 func printStats(prefix string) {
 	b, _ := json.Marshal(kshm.ReadStats())
 	shmtest.Printf("%s %s", prefix, b)
+}
+
+// runClient calls Echo with 64 KiB payloads from 8 goroutines, forever;
+// it prints "calling" after the first successful call.
+func runClient() int {
+	c, err := echoservice.NewClient(serviceName, kshm.WithClientShmIPC(kshm.WithSocketPath(os.Getenv(envSock))))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	var once sync.Once
+	for g := 0; g < 8; g++ {
+		go func() {
+			p := make([]byte, 64<<10)
+			for {
+				if _, err := c.Echo(context.Background(), &echo.EchoRequest{Payload: p}); err == nil {
+					once.Do(func() { shmtest.Printf("calling") })
+				}
+			}
+		}()
+	}
+	select {}
 }

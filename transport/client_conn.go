@@ -52,7 +52,7 @@ type clientConn struct {
 }
 
 func newClientConn(cs *clientSession, id uint64) *clientConn {
-	counters.activeConns.Add(1)
+	counters.clientConns.Add(1)
 	return &clientConn{cs: cs, id: id, resp: make(chan result, 1)}
 }
 
@@ -158,7 +158,7 @@ func (c *clientConn) Close() error {
 	if !c.closed.CompareAndSwap(false, true) {
 		return errConnClosed
 	}
-	counters.activeConns.Add(-1)
+	counters.clientConns.Add(-1)
 	c.abandon()
 	if c.timer != nil {
 		c.timer.Stop()

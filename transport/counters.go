@@ -25,15 +25,15 @@ type Counters struct {
 	SessionsLost uint64
 	// PlainConns: non-kshm Kitex connections served on the unix socket.
 	PlainConns uint64
-	// ActiveConns: virtual connections open now (client and server).
-	ActiveConns int64
+	// ClientConns / ServerConns: virtual connections open now.
+	ClientConns, ServerConns int64
 }
 
 var counters struct {
 	callsSent, callsServed, fallbackCalls atomic.Uint64
 	inlineRequests, inlineResponses, late atomic.Uint64
 	dialed, accepted, lost, plain         atomic.Uint64
-	activeConns                           atomic.Int64
+	clientConns, serverConns              atomic.Int64
 }
 
 // ReadCounters returns the transport counters.
@@ -49,6 +49,7 @@ func ReadCounters() Counters {
 		SessionsAccepted: counters.accepted.Load(),
 		SessionsLost:     counters.lost.Load(),
 		PlainConns:       counters.plain.Load(),
-		ActiveConns:      counters.activeConns.Load(),
+		ClientConns:      counters.clientConns.Load(),
+		ServerConns:      counters.serverConns.Load(),
 	}
 }

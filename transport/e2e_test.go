@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand"
+	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -21,6 +23,7 @@ import (
 	"github.com/cloudwego/kitex/pkg/endpoint"
 	"github.com/cloudwego/kitex/pkg/kerrors"
 	"github.com/cloudwego/kitex/pkg/retry"
+	"github.com/cloudwego/kitex/server"
 	ktransport "github.com/cloudwego/kitex/transport"
 
 	"github.com/shmkit/kshm"
@@ -324,6 +327,34 @@ func TestKitex_FeaturesOverShm(t *testing.T) {
 			t.Fatalf("retried call: %v %v", resp, err)
 		}
 	})
+	t.Run("several sessions", func(t *testing.T) {
+		sc := newEchoClient(t, kshm.WithClientShmIPC(kshm.WithSocketPath(sock), kshm.WithSessions(3)), client.WithHostPorts(srv.addr))
+		var wg sync.WaitGroup
+		errs := make(chan error, 6)
+		for g := 0; g < 6; g++ {
+			wg.Add(1)
+			go func(g int) {
+				defer wg.Done()
+				for i := 0; i < 30; i++ {
+					seq := int64(g*100 + i)
+					req := &echo.EchoRequest{Payload: payload(3000, seq), Seq: seq}
+					resp, err := sc.Echo(ctx, req)
+					if err == nil && (resp.Seq != seq || !bytes.Equal(resp.Payload, req.Payload)) {
+						err = fmt.Errorf("crosstalk: seq %d got %d", seq, resp.Seq)
+					}
+					if err != nil {
+						errs <- err
+						return
+					}
+				}
+			}(g)
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+	})
 	t.Run("several services", func(t *testing.T) {
 		mc, err := mathservice.NewClient(serviceName, kshm.WithClientShmIPC(kshm.WithSocketPath(sock)), client.WithHostPorts(srv.addr))
 		if err != nil {
@@ -555,4 +586,94 @@ func TestKitex_GracefulShutdownFinishesCallsInFlight(t *testing.T) {
 		t.Logf("server exited with %d buffers not yet reclaimed", st.InUseBuffers)
 	}
 	waitClientNoBuffers(t)
+}
+
+// kill -9 of a client in the middle of calls: the server ends the session,
+// its virtual connections and their goroutines, gets every buffer back, and
+// keeps serving.
+func TestKitex_ClientKilledMidCall(t *testing.T) {
+	sock := sockPath(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	svr := echoservice.NewServer(&echoImpl{},
+		server.WithListener(ln),
+		server.WithExitWaitTime(time.Second),
+		kshm.WithServerShmIPC(kshm.WithSocketPath(sock)),
+	)
+	runErr := make(chan error, 1)
+	go func() { runErr <- svr.Run() }()
+	t.Cleanup(func() { svr.Stop(); <-runErr })
+	for i := 0; ; i++ {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			break
+		}
+		if i > 1000 {
+			t.Fatal("server never listened")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	servedBefore := kshm.ReadStats().CallsServed
+
+	cli := shmtest.Start(t, roleClient, envSock+"="+sock)
+	cli.Expect(t, "calling", 60*time.Second)
+	for kshm.ReadStats().CallsServed < servedBefore+200 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	cli.Kill()
+	cli.Wait()
+
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		st := kshm.ReadStats()
+		if st.ServerConns == 0 && st.InUseBuffers == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the client died: %d server vconns, %d buffers in use", st.ServerConns, st.InUseBuffers)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	c := newEchoClient(t, kshm.WithClientShmIPC(kshm.WithSocketPath(sock)))
+	checkEcho(t, c, 10000, 1)
+}
+
+// BenchmarkKitex_Echo1KiB measures a kshm Echo call from this process to a
+// child server, with this side's allocations.
+func BenchmarkKitex_Echo1KiB(b *testing.B) {
+	sock := filepath.Join(b.TempDir(), "k.sock")
+	p := shmtest.Start(b, roleServer, envSock+"="+sock)
+	p.Expect(b, "ready ", 60*time.Second)
+	kopts := []kshm.Option{kshm.WithSocketPath(sock)}
+	switch os.Getenv("KSHM_BENCH_WAKE") {
+	case "poll":
+		kopts = append(kopts, kshm.WithWakeMode(kshm.WakePoll))
+	case "timed":
+		kopts = append(kopts, kshm.WithWakeMode(kshm.WakeTimed), kshm.WithPollInterval(20*time.Microsecond))
+	}
+	copts := []client.Option{client.WithDestService(serviceName), kshm.WithClientShmIPC(kopts...)}
+	if os.Getenv("KSHM_BENCH_WAKE") == "plain" { // baseline: Kitex over the same unix socket
+		copts = []client.Option{client.WithDestService(serviceName), client.WithHostPorts(sock),
+			client.WithTransportProtocol(ktransport.TTHeaderFramed)}
+	}
+	kc, err := client.NewClient(echoservice.NewServiceInfoForClient(), copts...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer kc.(interface{ Close() error }).Close()
+	c := &echoClient{kc}
+	req := &echo.EchoRequest{Payload: payload(1024, 1)}
+	ctx := context.Background()
+	if _, err := c.Echo(ctx, req); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := c.Echo(ctx, req); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

@@ -78,7 +78,7 @@ func (ss *serverSession) conn(id uint64) *serverConn {
 	c := &serverConn{ss: ss, id: id, signal: make(chan struct{}, 1)}
 	ss.conns[id] = c
 	ss.wg.Add(1)
-	counters.activeConns.Add(1)
+	counters.serverConns.Add(1)
 	go c.run()
 	return c
 }
@@ -171,7 +171,7 @@ func (c *serverConn) run() {
 		c.ss.mu.Lock()
 		delete(c.ss.conns, c.id)
 		c.ss.mu.Unlock()
-		counters.activeConns.Add(-1)
+		counters.serverConns.Add(-1)
 		c.ss.wg.Done()
 	}()
 	ctx, err := ts.hdl.OnActive(context.Background(), c)
