@@ -79,8 +79,9 @@ type TransServer struct {
 	inflight     atomic.Int64 // requests being served on the unix socket
 	shuttingDown atomic.Bool
 
-	mu       sync.Mutex // guards ln, sessions, plain, accepted
+	mu       sync.Mutex // guards ln, lnFile, sessions, plain, accepted
 	ln       *net.UnixListener
+	lnFile   os.FileInfo // the socket file ln created
 	sessions map[*serverSession]struct{}
 	plain    map[*plainConn]struct{}
 	accepted map[net.Conn]struct{} // conns still reading their preface
@@ -119,16 +120,17 @@ func (ts *TransServer) listenUnix() error {
 	if err := removeStaleSocket(ts.path); err != nil {
 		return err
 	}
-	ln, err := net.ListenUnix("unix", ts.unixAddr)
+	// Created with its final mode before it appears at the path.
+	ln, err := shm.ListenUnix(ts.path, ts.cfg.Shm.SocketMode)
 	if err != nil {
 		return fmt.Errorf("kshm: listen on %s: %w", ts.path, err)
 	}
-	ln.SetUnlinkOnClose(true)
-	if err := os.Chmod(ts.path, ts.cfg.Shm.SocketMode); err != nil {
+	fi, err := os.Stat(ts.path)
+	if err != nil {
 		ln.Close()
-		return fmt.Errorf("kshm: chmod %s: %w", ts.path, err)
+		return fmt.Errorf("kshm: listen on %s: %w", ts.path, err)
 	}
-	ts.ln = ln
+	ts.ln, ts.lnFile = ln, fi
 	return nil
 }
 
@@ -378,11 +380,15 @@ func (ts *TransServer) Shutdown() error {
 
 func (ts *TransServer) closeListener() {
 	ts.mu.Lock()
-	ln := ts.ln
-	ts.ln = nil
+	ln, fi := ts.ln, ts.lnFile
+	ts.ln, ts.lnFile = nil, nil
 	ts.mu.Unlock()
 	if ln != nil {
 		ln.Close()
+		// Remove the socket file if it is still ours (not a newer server's).
+		if cur, err := os.Stat(ts.path); err == nil && os.SameFile(cur, fi) {
+			os.Remove(ts.path)
+		}
 	}
 }
 

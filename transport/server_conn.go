@@ -41,7 +41,15 @@ func (ss *serverSession) serve() {
 		}
 		switch m.Kind {
 		case codec.KindRequest:
-			ss.conn(m.Aux).push(m)
+			c := ss.conn(m.Aux)
+			if c == nil {
+				ss.s.Release(&m)
+				klog.Warnf("kshm: client pid %d opened more than %d virtual connections; closing its session",
+					ss.s.PeerPID(), maxServerConns)
+				ss.s.Close()
+				continue
+			}
+			c.push(m)
 		case codec.KindCloseConn:
 			ss.s.Release(&m)
 			ss.mu.Lock()
@@ -68,12 +76,20 @@ func (ss *serverSession) serve() {
 	ss.s.Close()
 }
 
-// conn returns the virtual connection id, starting it if new.
+// maxServerConns bounds the virtual connections (each a goroutine) one
+// session may have open: a client that exceeds it is broken or hostile.
+const maxServerConns = 1 << 16
+
+// conn returns the virtual connection id, starting it if new; nil if the
+// session has too many.
 func (ss *serverSession) conn(id uint64) *serverConn {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if c := ss.conns[id]; c != nil {
 		return c
+	}
+	if len(ss.conns) >= maxServerConns {
+		return nil
 	}
 	c := &serverConn{ss: ss, id: id, signal: make(chan struct{}, 1)}
 	ss.conns[id] = c

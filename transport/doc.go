@@ -1,0 +1,47 @@
+// Package transport is kshm's Kitex transport: the client connection pool,
+// the trans handlers and the server's TransServer. Users reach it through
+// kshm.WithClientShmIPC and kshm.WithServerShmIPC.
+//
+// # Client
+//
+// ClientPool is the client's remote.ConnPool. It keeps Config.Sessions shm
+// sessions to one socket path and hands Kitex virtual connections over them:
+// one call at a time per connection, like Kitex's long connections. Each
+// call gets an id from a per-session counter that is never reused; the
+// request carries it as the message id and the connection id as Aux. One
+// dispatcher goroutine per session calls Recv and hands each response to the
+// call waiting for that id; a response nobody waits for any more (the call
+// timed out, its connection was discarded) is dropped and released at once,
+// so it can never reach another call.
+//
+// The first call dials synchronously (so it already uses shared memory);
+// when a session cannot be had, or dies, calls go to the fallback pool (the
+// pool Kitex would have used: netpoll to the resolved address) and the
+// session is re-established in the background with exponential backoff.
+// Fallback connections live in their own pool: Put and Discard route by
+// connection type.
+//
+// # Server
+//
+// The TransServer wraps Kitex's (netpoll by default): the server's usual
+// address is served unchanged, and a unix socket is served beside it. Each
+// connection accepted there is told apart by its first shm.PrefaceSize bytes:
+// a kshm preface starts a session, anything else is served as plain Kitex
+// (the bytes read are replayed), so a client without kshm reaches the server
+// on either address. A session's dispatcher queues requests per virtual
+// connection; one goroutine per virtual connection calls OnActive once,
+// OnRead per request in order, and OnInactive once. Shutdown stops
+// accepting, tells each session's client to go away (no new calls), waits for
+// requests in flight up to the server's ExitWaitTime, then closes sessions.
+//
+// # Buffers
+//
+// Kitex's default client and server trans handlers do the encoding; the
+// trans.Extension here picks the buffer per connection: codec's shm buffers
+// for virtual connections, netpoll's for netpoll connections, Go net
+// (bufiox) for plain connections on the unix socket. A message that finds no
+// shared memory mid-encode is sent whole over the session socket
+// (shm.Session.SendInline), with the same id; the close of a virtual
+// connection follows its last request on the same path, since socket and
+// ring are not ordered with each other.
+package transport
