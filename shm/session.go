@@ -509,7 +509,7 @@ func (s *Session) Recv(ctx context.Context) (Message, error) {
 		}
 		switch s.cfg.WakeMode {
 		case WakePoll:
-			runtime.Gosched()
+			s.pause(i)
 		case WakeTimed:
 			s.reclaim()
 			time.Sleep(s.cfg.PollInterval)
@@ -518,7 +518,7 @@ func (s *Session) Recv(ctx context.Context) (Message, error) {
 				continue
 			}
 			if time.Since(spinStart) < budget {
-				runtime.Gosched()
+				s.pause(i)
 				continue
 			}
 			if err := s.sleep(ctx); err != nil {
@@ -528,6 +528,18 @@ func (s *Session) Recv(ctx context.Context) (Message, error) {
 			spinStart, budget = time.Now(), minSpin
 		}
 	}
+}
+
+// pause lets others run between polls: other goroutines of this process
+// every time, and other threads of the machine (the peer, when it shares
+// our core) every 256th time, so that a poller never starves the process it
+// waits for.
+func (s *Session) pause(i int) {
+	if i&255 == 0 {
+		osYield()
+		return
+	}
+	runtime.Gosched()
 }
 
 // minSpin is how long a receiver polls before sleeping when its waits are
