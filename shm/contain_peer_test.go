@@ -56,6 +56,7 @@ func TestContain_ForgedPeerInput(t *testing.T) {
 		if !errors.Is(e.err, shm.ErrCorrupt) {
 			t.Errorf("a forged session closed with %v, want ErrCorrupt", e.err)
 		}
+		t.Logf("closed: %v", e.err)
 	}
 	if got := log.Lines(fmt.Sprintf("closing session with pid %d", pid), "corrupt"); len(got) != len(cases) {
 		t.Errorf("%d sessions closed with a logged reason, want %d", len(got), len(cases))
@@ -216,14 +217,14 @@ func TestContain_WakeupFlood(t *testing.T) {
 // after the handshake timeout with a logged reason, and none leaves a
 // region behind.
 func TestContain_StalledHandshakes(t *testing.T) {
-	for _, role := range []string{misbehave.RoleStall, misbehave.RoleGarbage} {
+	for role, prefix := range map[string]string{misbehave.RoleStall: "stalled ", misbehave.RoleGarbage: "garbage "} {
 		t.Run(role, func(t *testing.T) {
 			log := misbehave.CaptureLog(t)
 			cfg := containConfig()
 			cfg.HandshakeTimeout = 3 * time.Second
 			es := startEchoServer(t, cfg)
 			child := shmtest.Start(t, role, childEnv(es, misbehave.EnvN+"=4")...)
-			line := child.Expect(t, strings.TrimPrefix(role, "misbehave-")[:5], 30*time.Second)
+			line := child.Expect(t, prefix, 30*time.Second)
 			var n int
 			fmt.Sscanf(line[strings.LastIndexByte(line, ' ')+1:], "%d", &n)
 			// While those connections hang, a well-behaved client gets through.
