@@ -1,0 +1,74 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// The test binary doubles as the server and client processes of the smoke
+// test: the orchestrator re-executes it with -role.
+func TestMain(m *testing.M) {
+	if os.Getenv("KSHM_BENCH_CHILD") == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func TestBench_SmokeEveryTransport(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	t.Setenv("KSHM_BENCH_CHILD", "1")
+	out := filepath.Join(t.TempDir(), "smoke.json")
+	o := options{
+		mode: "custom", rounds: 1, sizes: []int{64, 100 << 10}, concs: []int{1, 3},
+		layers:   []string{"engine", "kitex"},
+		warmup:   10 * time.Millisecond,
+		duration: 30 * time.Millisecond, minCalls: 1, maxWindow: 2 * time.Second,
+		scale: []int{2}, out: out, reportDir: filepath.Join(t.TempDir(), "report"),
+	}
+	skip := map[string]bool{}
+	if raceEnabled {
+		o.sizes = []int{100 << 10} // keep the race run short
+		skip["engine/shmipc-go"] = true
+		for _, d := range allTransports() {
+			if !skip[d.id()] {
+				o.transports = append(o.transports, d.id())
+			}
+		}
+	}
+	if err := orchestrate(o); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var recs []record
+	if err := json.Unmarshal(b, &recs); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for _, r := range recs {
+		seen[r.Layer+"/"+r.Transport] = true
+		if len(r.Errors) > 0 || r.Rounds != 1 || r.Calls == 0 || r.P50US <= 0 || r.QPS <= 0 || r.CPUUSPerCall <= 0 {
+			t.Errorf("%s/%s %d B c%d x%d: rounds %d calls %d p50 %v qps %v cpu %v errors %v", r.Layer, r.Transport, r.Size,
+				r.Concurrency, r.Clients, r.Rounds, r.Calls, r.P50US, r.QPS, r.CPUUSPerCall, r.Errors)
+		}
+		if r.Fallbacks > 0 {
+			t.Errorf("%s/%s %d B c%d: %d calls fell back", r.Layer, r.Transport, r.Size, r.Concurrency, r.Fallbacks)
+		}
+	}
+	for _, d := range allTransports() {
+		if !seen[d.id()] && !skip[d.id()] {
+			t.Errorf("no record for %s", d.id())
+		}
+	}
+	if _, err := os.Stat(filepath.Join(o.reportDir, "REPORT.md")); err != nil {
+		t.Errorf("report: %v", err)
+	}
+}
