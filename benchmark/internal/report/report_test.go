@@ -1,0 +1,67 @@
+package report
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func synthetic() []Record {
+	var recs []Record
+	for _, layer := range []string{"engine", "kitex"} {
+		ts := []string{"kshm", "uds", "shmipc-go"}
+		if layer == "kitex" {
+			ts = []string{"kshm", "netpoll-uds", "netpoll-tcp"}
+		}
+		for i, t := range ts {
+			for _, size := range []int{64, 64 << 10, 4 << 20} {
+				for _, c := range []int{1, 16} {
+					f := float64(i+1) * float64(size+1000) / 1000
+					recs = append(recs, Record{Layer: layer, Transport: t, Size: size, Concurrency: c, Clients: 1,
+						P50: f, P99: 3 * f, QPS: 1e6 / f, CPU: f, Rounds: 3, Calls: 100, P50Spread: 0.1})
+				}
+			}
+		}
+	}
+	for i, t := range []string{"kshm", "uds"} {
+		for _, n := range []int{1, 4} {
+			recs = append(recs, Record{Layer: "engine", Transport: t, Size: 1024, Concurrency: 4 * n, Clients: n, Scale: true,
+				P50: 10, P99: 30, QPS: float64(n*(i+1)) * 1e4, CPU: 5, Rounds: 3, ServerShmem: 1024})
+		}
+	}
+	recs[0].Machine.CPU = "test cpu"
+	return recs
+}
+
+func TestWrite_ReportAndCharts(t *testing.T) {
+	dir := t.TempDir()
+	if err := Write(dir, synthetic(), Options{Source: "x.json", Command: "make bench"}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "REPORT.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	md := string(b)
+	for _, want := range []string{"## Goals", "## Engine layer", "## Kitex layer", "## Scale", "kshm / uds",
+		"engine-latency-c1.svg", "kitex-throughput-c16.svg", "scale-throughput.svg", "test cpu"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("REPORT.md lacks %q", want)
+		}
+	}
+	for _, f := range []string{"engine-latency-c1.svg", "engine-throughput-c16.svg", "engine-cpu-c1.svg",
+		"kitex-latency-c1.svg", "scale-throughput.svg"} {
+		if st, err := os.Stat(filepath.Join(dir, f)); err != nil || st.Size() == 0 {
+			t.Errorf("chart %s: %v", f, err)
+		}
+	}
+}
+
+func TestSizeName(t *testing.T) {
+	for n, want := range map[int]string{64: "64 B", 1024: "1 KiB", 65536: "64 KiB", 4 << 20: "4 MiB", 1000: "1000 B"} {
+		if got := SizeName(n); got != want {
+			t.Errorf("SizeName(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
