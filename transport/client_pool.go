@@ -68,7 +68,7 @@ func (p *ClientPool) SocketPath() string { return p.path }
 
 // Get implements remote.ConnPool.
 func (p *ClientPool) Get(ctx context.Context, network, address string, opt remote.ConnOption) (net.Conn, error) {
-	if cs := p.session(ctx, opt.ConnectTimeout); cs != nil {
+	if cs := p.session(ctx); cs != nil {
 		if c := cs.getConn(); c != nil {
 			return c, nil
 		}
@@ -78,7 +78,7 @@ func (p *ClientPool) Get(ctx context.Context, network, address string, opt remot
 }
 
 // session returns a usable session, dialing a slot that was never tried.
-func (p *ClientPool) session(ctx context.Context, connectTimeout time.Duration) *clientSession {
+func (p *ClientPool) session(ctx context.Context) *clientSession {
 	n := uint32(len(p.slots))
 	start := p.next.Add(1)
 	for i := uint32(0); i < n; i++ {
@@ -92,7 +92,7 @@ func (p *ClientPool) session(ctx context.Context, connectTimeout time.Duration) 
 	}
 	for i := uint32(0); i < n; i++ {
 		sl := p.slots[(start+i)%n]
-		if cs := p.firstDial(ctx, sl, connectTimeout); cs != nil {
+		if cs := p.firstDial(ctx, sl); cs != nil {
 			return cs
 		}
 	}
@@ -100,10 +100,12 @@ func (p *ClientPool) session(ctx context.Context, connectTimeout time.Duration) 
 }
 
 // firstDial establishes a slot's session synchronously the first time it is
-// needed, so that the first call already uses shared memory; Kitex's connect
-// timeout bounds it when shorter than the dial timeout. Later attempts happen
-// in the background.
-func (p *ClientPool) firstDial(ctx context.Context, sl *slot, connectTimeout time.Duration) *clientSession {
+// needed, so that the first call already uses shared memory. It is bounded
+// by Config.DialTimeout, not by Kitex's connect timeout (50 ms by default,
+// shorter than creating and mapping two regions may take on a loaded
+// machine; a failed dial only means fallback). Later attempts happen in the
+// background.
+func (p *ClientPool) firstDial(ctx context.Context, sl *slot) *clientSession {
 	sl.mu.Lock()
 	defer sl.mu.Unlock()
 	if sl.cur != nil && sl.cur.usable() {
@@ -113,11 +115,6 @@ func (p *ClientPool) firstDial(ctx context.Context, sl *slot, connectTimeout tim
 		return nil
 	}
 	sl.tried = true
-	if connectTimeout > 0 && connectTimeout < p.cfg.DialTimeout {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, connectTimeout)
-		defer cancel()
-	}
 	cs, err := p.dial(ctx, sl)
 	if err != nil {
 		p.logf("kshm: no session to %s, calls fall back to Kitex's transport: %v", p.path, err)

@@ -467,7 +467,7 @@ func TestKitex_PlainClientBothAddresses(t *testing.T) {
 		c2 := newEchoClient(t, client.WithHostPorts(addr))
 		checkEcho(t, c2, 1000, 1)
 	}
-	if st := srv.stats(t); st.PlainConns == 0 {
+	if st := srv.waitNoBuffers(t); st.PlainConns == 0 {
 		t.Fatal("no plain connection was served on the unix socket")
 	}
 	srv.stop(t)
@@ -505,6 +505,8 @@ func TestKitex_DefaultSocketPathAndNoAddress(t *testing.T) {
 	if st := kshm.ReadStats(); st.CallsSent != before.CallsSent+1 {
 		t.Fatal("the call did not go over shared memory")
 	}
+	waitClientNoBuffers(t)
+	srv.waitNoBuffers(t)
 	srv.stop(t)
 }
 
