@@ -50,7 +50,7 @@ func modeSettings(o options) (settings, error) {
 			sizes:           all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16},
 			scaleClients: nil, scaleSize: 1 << 10, scaleConc: 4}
 	case "full":
-		s = settings{rounds: 5, minCalls: 200, maxWindow: 5 * time.Second, warmup: 200 * time.Millisecond, duration: time.Second,
+		s = settings{rounds: 5, minCalls: 100, maxWindow: 3 * time.Second, warmup: 150 * time.Millisecond, duration: 500 * time.Millisecond,
 			sizes: all, engineConcs: []int{1, 16, 64}, kitexConcs: []int{1, 16, 64},
 			scaleClients: []int{1, 4, 16}, scaleSize: 1 << 10, scaleConc: 4}
 	case "custom":
