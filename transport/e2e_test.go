@@ -312,6 +312,44 @@ func TestKitex_FeaturesOverShm(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+	t.Run("timeouts under concurrency never cross", func(t *testing.T) {
+		var wg sync.WaitGroup
+		var timeouts, ok atomic.Int64
+		errs := make(chan error, 8)
+		for g := 0; g < 8; g++ {
+			wg.Add(1)
+			go func(g int) {
+				defer wg.Done()
+				r := rand.New(rand.NewSource(int64(g)))
+				for i := 0; i < 25; i++ {
+					seq := int64(50000 + g*100 + i)
+					req := &echo.EchoRequest{Payload: payload(r.Intn(8000), seq), Seq: seq}
+					resp, err := c.Sleep(ctx, req, int64(r.Intn(30)), callopt.WithRPCTimeout(15*time.Millisecond))
+					switch {
+					case kerrors.IsTimeoutError(err):
+						timeouts.Add(1)
+					case err != nil:
+						errs <- err
+						return
+					case resp.Seq != seq || !bytes.Equal(resp.Payload, req.Payload):
+						errs <- fmt.Errorf("crosstalk: call %d got the response of %d", seq, resp.Seq)
+						return
+					default:
+						ok.Add(1)
+					}
+				}
+			}(g)
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+		t.Logf("%d calls answered, %d timed out", ok.Load(), timeouts.Load())
+		for i := 0; i < 50; i++ { // and the client still works
+			checkEcho(t, c, 2000+i, int64(60000+i))
+		}
+	})
 	t.Run("retry after timeout", func(t *testing.T) {
 		fp := retry.NewFailurePolicy()
 		fp.WithMaxRetryTimes(2)
