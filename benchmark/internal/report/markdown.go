@@ -76,6 +76,7 @@ func (d *data) markdown(b *strings.Builder, source, command string, charts map[s
 		"(max-min)/median of the rounds. CPU is user+system time (getrusage) of both processes over the measurement "+
 		"window, divided by the calls completed in it; allocations are the client process's Go heap allocations per call.\n\n", rounds)
 
+	d.headline(b, charts)
 	d.goals(b)
 	for _, layer := range []string{"engine", "kitex"} {
 		if len(d.concs(layer)) == 0 {
@@ -95,6 +96,48 @@ func (d *data) markdown(b *strings.Builder, source, command string, charts map[s
 	if len(failed) > 0 {
 		fmt.Fprintf(b, "## Failed measurements\n\n%s\n", strings.Join(failed, "\n"))
 	}
+}
+
+// headline is the short table for the project README: p50 at concurrency 1
+// and throughput at the highest concurrency of kshm against each baseline.
+func (d *data) headline(b *strings.Builder, charts map[string][]chart) {
+	fmt.Fprintf(b, "## Headline\n\n")
+	for _, c := range charts["engine"] {
+		if strings.Contains(c.file, "latency-c1") {
+			fmt.Fprintf(b, "![%s](%s)\n\n", c.title, c.file)
+		}
+	}
+	var rows [][]string
+	for _, layer := range []string{"engine", "kitex"} {
+		ts := d.transports(layer)
+		if !hasTransport(ts, "kshm") {
+			continue
+		}
+		for _, base := range baselines[layer] {
+			if !hasTransport(ts, base) {
+				continue
+			}
+			for _, size := range d.sizes(layer) {
+				if size != 64 && size != 64<<10 && size != 1<<20 && size != 4<<20 {
+					continue // the full tables below have every size
+				}
+				k, ok1 := d.get(layer, "kshm", size, 1)
+				c, ok2 := d.get(layer, base, size, 1)
+				if !ok1 || !ok2 {
+					continue
+				}
+				rows = append(rows, []string{layer, base, SizeName(size),
+					fmt.Sprintf("%s vs %s (%s)", us(k.P50), us(c.P50), ratio(k.P50, c.P50)),
+					fmt.Sprintf("%s vs %s (%s)", us(k.CPU), us(c.CPU), ratio(k.CPU, c.CPU))})
+			}
+		}
+	}
+	if len(rows) == 0 {
+		return
+	}
+	fmt.Fprintf(b, "kshm (notify mode) against each baseline at concurrency 1: median round trip and CPU time per call "+
+		"of both processes, in µs.\n\n")
+	table(b, []string{"layer", "baseline", "size", "p50 kshm vs baseline", "CPU/call kshm vs baseline"}, rows)
 }
 
 // goals checks the targets of the engine issue against this run.
