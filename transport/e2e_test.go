@@ -717,3 +717,45 @@ func BenchmarkKitex_Echo1KiB(b *testing.B) {
 		}
 	}
 }
+
+// Closing a client ends its sessions and their goroutines, and its virtual
+// connections on the server.
+func TestKitex_ClientCloseEndsSessions(t *testing.T) {
+	sock := sockPath(t)
+	srv := startServer(t, sock)
+	before := kshm.ReadStats()
+	c := newEchoClient(t, kshm.WithClientShmIPC(kshm.WithSocketPath(sock), kshm.WithSessions(2)))
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < 10; i++ {
+				checkEcho(t, c, 1000, int64(g*100+i))
+			}
+		}(g)
+	}
+	wg.Wait()
+	if st := kshm.ReadStats(); st.Sessions <= before.Sessions || st.ClientConns <= before.ClientConns {
+		t.Fatalf("sessions %d -> %d, client vconns %d -> %d: the client used none", before.Sessions, st.Sessions, before.ClientConns, st.ClientConns)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if st := kshm.ReadStats(); st.Sessions != before.Sessions || st.ClientConns != before.ClientConns || st.InUseBuffers != 0 {
+		t.Fatalf("after Close: sessions %d (was %d), client vconns %d (was %d), buffers in use %d",
+			st.Sessions, before.Sessions, st.ClientConns, before.ClientConns, st.InUseBuffers)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		st := srv.stats(t)
+		if st.Sessions == 0 && st.ServerConns == 0 && st.InUseBuffers == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server after the client closed: %d sessions, %d vconns, %d buffers", st.Sessions, st.ServerConns, st.InUseBuffers)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	srv.stop(t)
+}
