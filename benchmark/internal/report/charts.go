@@ -2,6 +2,7 @@ package report
 
 import (
 	"fmt"
+	"math"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -38,6 +39,52 @@ func countTicks(ns []int) plot.ConstantTicks {
 	return ts
 }
 
+// logTicks labels a log axis with readable numbers, and falls back to
+// 1-2-5 steps when the data spans less than a decade.
+type logTicks struct{}
+
+func (logTicks) Ticks(lo, hi float64) []plot.Tick {
+	ts := plot.LogTicks{Prec: -1}.Ticks(lo, hi)
+	labeled := 0
+	for i := range ts {
+		if ts[i].Label != "" {
+			ts[i].Label = human(ts[i].Value)
+			if ts[i].Value >= lo && ts[i].Value <= hi {
+				labeled++
+			}
+		}
+	}
+	if labeled >= 2 {
+		return ts
+	}
+	var out []plot.Tick
+	for _, steps := range [][]float64{{1, 2, 5}, {1, 2, 3, 4, 5, 6, 7, 8, 9}} {
+		out = out[:0]
+		for e := math.Floor(math.Log10(lo)); e <= math.Ceil(math.Log10(hi)); e++ {
+			for _, m := range steps {
+				if v := m * math.Pow(10, e); v >= lo && v <= hi {
+					out = append(out, plot.Tick{Value: v, Label: human(v)})
+				}
+			}
+		}
+		if len(out) >= 2 {
+			break
+		}
+	}
+	return out
+}
+
+// human formats a tick value: 0.5, 20, 300, 4k, 1.5M.
+func human(v float64) string {
+	switch {
+	case v >= 1e6:
+		return strconv.FormatFloat(v/1e6, 'g', 3, 64) + "M"
+	case v >= 1e3:
+		return strconv.FormatFloat(v/1e3, 'g', 3, 64) + "k"
+	}
+	return strconv.FormatFloat(v, 'g', 3, 64)
+}
+
 // drawLines draws one line per series on log-log axes.
 func drawLines(path, title, xLabel, yLabel string, xTicks plot.Ticker, ss []series, legendTop, legendLeft, png bool) error {
 	p := plot.New()
@@ -47,7 +94,7 @@ func drawLines(path, title, xLabel, yLabel string, xTicks plot.Ticker, ss []seri
 	p.X.Scale = plot.LogScale{}
 	p.X.Tick.Marker = xTicks
 	p.Y.Scale = plot.LogScale{}
-	p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
+	p.Y.Tick.Marker = logTicks{}
 	p.Legend.Top = legendTop
 	p.Legend.Left = legendLeft
 	p.Add(plotter.NewGrid())
