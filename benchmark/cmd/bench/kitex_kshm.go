@@ -39,7 +39,7 @@ func kitexShmOptions(p params, mode kshm.WakeMode) []kshm.Option {
 		maxMsg *= 2
 	}
 	region := 64 << 20
-	for region < 2*(p.conc+2)*maxMsg+8<<20 {
+	for region < (p.conc+2)*maxMsg+8<<20 {
 		region *= 2
 	}
 	return []kshm.Option{

@@ -39,9 +39,9 @@ const (
 )
 
 // kshmConfig is the default configuration in the given wake mode, with a
-// region large enough for every call in flight (the default 64 MiB holds
-// sixteen 4 MiB messages; the arena is a buddy allocator, so a buffer takes
-// the next power of two).
+// region large enough for every call in flight: each side holds one buffer
+// per call (its request, or its response), and the arena is a buddy
+// allocator, so a buffer takes the next power of two.
 func kshmConfig(p params, mode shm.WakeMode) shm.Config {
 	cfg := shm.DefaultConfig()
 	cfg.WakeMode = mode
@@ -49,7 +49,7 @@ func kshmConfig(p params, mode shm.WakeMode) shm.Config {
 	for block < p.size {
 		block *= 2
 	}
-	need := 2*(p.conc+2)*block + 8<<20
+	need := (p.conc+2)*block + 8<<20
 	for cfg.RegionSize < need {
 		cfg.RegionSize *= 2
 	}
