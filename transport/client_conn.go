@@ -305,6 +305,7 @@ func (cs *clientSession) usableForControl() bool {
 // dispatch routes responses to their calls until the session ends.
 func (cs *clientSession) dispatch() {
 	defer close(cs.done)
+	warned := false
 	for {
 		m, err := cs.s.Recv(context.Background())
 		if err != nil {
@@ -319,7 +320,10 @@ func (cs *clientSession) dispatch() {
 			cs.goAway()
 		default:
 			cs.s.Release(&m)
-			cs.pool.logf("kshm: client dropped a message of unknown kind %d", m.Kind)
+			if !warned {
+				warned = true
+				cs.pool.logf("kshm: client dropped a message of unknown kind %d (logged once per session)", m.Kind)
+			}
 		}
 	}
 }

@@ -31,6 +31,7 @@ type serverSession struct {
 }
 
 func (ss *serverSession) serve() {
+	warned := false
 	for {
 		m, err := ss.s.Recv(context.Background())
 		if err != nil {
@@ -60,7 +61,11 @@ func (ss *serverSession) serve() {
 			}
 		default:
 			ss.s.Release(&m)
-			klog.Warnf("kshm: server dropped a message of unknown kind %d", m.Kind)
+			if !warned { // once per session: a broken peer must not flood the log
+				warned = true
+				klog.Warnf("kshm: server dropped a message of unknown kind %d from pid %d (logged once per session)",
+					m.Kind, ss.s.PeerPID())
+			}
 		}
 	}
 	ss.mu.Lock()
