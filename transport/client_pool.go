@@ -77,24 +77,33 @@ func (p *ClientPool) Get(ctx context.Context, network, address string, opt remot
 	return p.fallback.Get(ctx, network, address, opt)
 }
 
-// session returns a usable session, dialing a slot that was never tried.
+// session returns a usable session: the next slot's in round robin (dialing
+// it if it was never tried), else any usable one.
 func (p *ClientPool) session(ctx context.Context) *clientSession {
 	n := uint32(len(p.slots))
 	start := p.next.Add(1)
-	for i := uint32(0); i < n; i++ {
-		sl := p.slots[(start+i)%n]
-		sl.mu.Lock()
-		cs := sl.cur
-		sl.mu.Unlock()
-		if cs != nil && cs.usable() {
+	sl := p.slots[start%n]
+	if cs := sl.usable(); cs != nil {
+		return cs
+	}
+	if cs := p.firstDial(ctx, sl); cs != nil {
+		return cs
+	}
+	for i := uint32(1); i < n; i++ {
+		if cs := p.slots[(start+i)%n].usable(); cs != nil {
 			return cs
 		}
 	}
-	for i := uint32(0); i < n; i++ {
-		sl := p.slots[(start+i)%n]
-		if cs := p.firstDial(ctx, sl); cs != nil {
-			return cs
-		}
+	return nil
+}
+
+// usable returns the slot's session if it takes calls.
+func (sl *slot) usable() *clientSession {
+	sl.mu.Lock()
+	cs := sl.cur
+	sl.mu.Unlock()
+	if cs != nil && cs.usable() {
+		return cs
 	}
 	return nil
 }

@@ -366,6 +366,7 @@ func TestKitex_FeaturesOverShm(t *testing.T) {
 		}
 	})
 	t.Run("several sessions", func(t *testing.T) {
+		sessionsBefore := kshm.ReadStats().Sessions
 		sc := newEchoClient(t, kshm.WithClientShmIPC(kshm.WithSocketPath(sock), kshm.WithSessions(3)), client.WithHostPorts(srv.addr))
 		var wg sync.WaitGroup
 		errs := make(chan error, 6)
@@ -391,6 +392,9 @@ func TestKitex_FeaturesOverShm(t *testing.T) {
 		close(errs)
 		for err := range errs {
 			t.Fatal(err)
+		}
+		if got := kshm.ReadStats().Sessions - sessionsBefore; got != 3 {
+			t.Fatalf("the client opened %d sessions, want 3", got)
 		}
 	})
 	t.Run("several services", func(t *testing.T) {
