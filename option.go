@@ -241,7 +241,7 @@ func unixResolver(path string) discovery.Resolver {
 type Stats struct {
 	Sessions     int64  // open sessions (client and server side)
 	Calls        uint64 // calls carried over kshm sessions: requests sent by clients plus requests served
-	Fallbacks    uint64 // client calls over Kitex's netpoll transport plus messages sent over a session socket
+	Fallbacks    uint64 // client calls over Kitex's netpoll transport plus requests and responses sent over a session socket
 	InUseBuffers int64  // shared-memory buffers this process allocated and has not got back
 	InUseBytes   int64
 
@@ -275,7 +275,7 @@ func ReadStats() Stats {
 		InlineTooLarge:  r.TooLarge,
 		Sessions:        e.Sessions,
 		Calls:           t.CallsSent + t.CallsServed,
-		Fallbacks:       t.FallbackCalls + e.InlineSent,
+		Fallbacks:       t.FallbackCalls + t.InlineRequests + t.InlineResponses,
 		InUseBuffers:    e.InUseBuffers,
 		InUseBytes:      e.InUseBytes,
 		CallsSent:       t.CallsSent,
