@@ -16,4 +16,7 @@ const (
 	// KindGoAway tells the client that the server is shutting down: take no
 	// new virtual connections on this session. Carries no payload.
 	KindGoAway uint16 = 4
+	// KindGoAwayAck tells the server that the client has no call left on
+	// the session after a go-away: it can close the session. No payload.
+	KindGoAwayAck uint16 = 5
 )

@@ -47,6 +47,8 @@ type clientConn struct {
 	// lastInline: the last request went over the session socket, so the
 	// close message must follow it there (socket and ring are not ordered).
 	lastInline bool
+	// out: handed to Kitex by ClientPool.Get and not yet back (cs.mu).
+	out bool
 
 	closed atomic.Bool
 }
@@ -164,6 +166,7 @@ func (c *clientConn) Close() error {
 		c.timer.Stop()
 	}
 	c.cs.closeConn(c, c.lastInline)
+	c.cs.checkIn(c)
 	return nil
 }
 
@@ -198,11 +201,13 @@ type clientSession struct {
 	nextCall atomic.Uint64 // call ids: never reused within the session
 	nextConn atomic.Uint64 // virtual connection ids
 
-	mu       sync.Mutex // guards pending, idle, draining, dead
+	mu       sync.Mutex // guards pending, idle, draining, dead, out, acked and clientConn.out
 	pending  map[uint64]*clientConn
 	idle     []*clientConn
 	draining bool // server said go away: no new calls
 	dead     bool
+	out      int           // connections handed to Kitex and not yet back
+	acked    bool          // the go-away was acknowledged
 	done     chan struct{} // closed when the dispatcher has exited
 }
 
@@ -232,15 +237,54 @@ func (cs *clientSession) getConn() *clientConn {
 		cs.mu.Unlock()
 		return nil
 	}
+	cs.out++
 	if n := len(cs.idle); n > 0 {
 		c := cs.idle[n-1]
 		cs.idle[n-1] = nil
 		cs.idle = cs.idle[:n-1]
+		c.out = true
 		cs.mu.Unlock()
 		return c
 	}
 	cs.mu.Unlock()
-	return newClientConn(cs, cs.nextConn.Add(1))
+	c := newClientConn(cs, cs.nextConn.Add(1))
+	c.out = true // not yet visible to anyone else
+	return c
+}
+
+// checkIn records that Kitex gave c back; once the server asked us to go
+// away and no call is left, it acknowledges, so the server can close the
+// session without cutting a call off.
+func (cs *clientSession) checkIn(c *clientConn) {
+	cs.mu.Lock()
+	ack := cs.checkInLocked(c)
+	cs.mu.Unlock()
+	if ack {
+		cs.sendGoAwayAck()
+	}
+}
+
+// checkInLocked does checkIn's accounting under cs.mu and reports whether
+// the caller must send the acknowledgement.
+func (cs *clientSession) checkInLocked(c *clientConn) bool {
+	if !c.out {
+		return false
+	}
+	c.out = false
+	cs.out--
+	ack := cs.draining && cs.out == 0 && !cs.acked && !cs.dead
+	if ack {
+		cs.acked = true
+	}
+	return ack
+}
+
+func (cs *clientSession) sendGoAwayAck() {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if err := cs.s.Send(ctx, cs.nextCall.Add(1), 0, codec.KindGoAwayAck); err != nil && !errors.Is(err, shm.ErrClosed) {
+		cs.pool.logf("kshm: acknowledging go-away: %v", err)
+	}
 }
 
 // putConn keeps c for the next call, or closes it.
@@ -251,8 +295,13 @@ func (cs *clientSession) putConn(c *clientConn) {
 	c.abandon() // a successful call has no pending entry left; be exact anyway
 	cs.mu.Lock()
 	if !cs.dead && !cs.draining && len(cs.idle) < cs.pool.cfg.MaxIdleConns {
+		// Checked in and made idle at once: nobody can take it in between.
+		ack := cs.checkInLocked(c)
 		cs.idle = append(cs.idle, c)
 		cs.mu.Unlock()
+		if ack {
+			cs.sendGoAwayAck()
+		}
 		return
 	}
 	cs.mu.Unlock()
@@ -352,9 +401,16 @@ func (cs *clientSession) goAway() {
 	cs.draining = true
 	idle := cs.idle
 	cs.idle = nil
+	ack := cs.out == 0 && !cs.acked && !cs.dead
+	if ack {
+		cs.acked = true
+	}
 	cs.mu.Unlock()
 	for _, c := range idle {
 		c.Close()
+	}
+	if ack {
+		cs.sendGoAwayAck()
 	}
 	cs.pool.lost(cs)
 }

@@ -77,6 +77,7 @@ type TransServer struct {
 	initErr  error
 
 	inflight     atomic.Int64 // requests being served on the unix socket
+	queued       atomic.Int64 // requests received on sessions, not yet being served
 	shuttingDown atomic.Bool
 
 	mu       sync.Mutex // guards ln, lnFile, sessions, plain, accepted
@@ -241,7 +242,7 @@ func (ts *TransServer) serveSession(conn *net.UnixConn) {
 		conn.Close()
 		return
 	}
-	ss := &serverSession{ts: ts, s: s, conns: make(map[uint64]*serverConn)}
+	ss := &serverSession{ts: ts, s: s, conns: make(map[uint64]*serverConn), acked: make(chan struct{})}
 	ts.mu.Lock()
 	if ts.shuttingDown.Load() {
 		ts.mu.Unlock()
@@ -341,15 +342,15 @@ func (ts *TransServer) Shutdown() error {
 	for _, ss := range sessions {
 		ss.goAway()
 	}
-	// Give clients a moment to see the go-away and requests already written
-	// to arrive, then wait for what is in flight.
-	grace := 50 * time.Millisecond
-	if grace > wait {
-		grace = wait
-	}
-	time.Sleep(grace)
-	for ts.inflight.Load() > 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
+	// Wait until every session's client has acknowledged the go-away (it
+	// has no call left) and nothing is queued or being served; plain
+	// connections get a short grace for requests already written.
+	grace := time.Now().Add(min(50*time.Millisecond, wait))
+	for time.Now().Before(deadline) {
+		if ts.inflight.Load() == 0 && ts.queued.Load() == 0 && !time.Now().Before(grace) && allDrained(sessions) {
+			break
+		}
+		time.Sleep(2 * time.Millisecond)
 	}
 
 	ts.mu.Lock()
@@ -376,6 +377,15 @@ func (ts *TransServer) Shutdown() error {
 		err = e
 	}
 	return err
+}
+
+func allDrained(sessions []*serverSession) bool {
+	for _, ss := range sessions {
+		if !ss.drained() {
+			return false
+		}
+	}
+	return true
 }
 
 func (ts *TransServer) closeListener() {

@@ -28,6 +28,22 @@ type serverSession struct {
 	mu    sync.Mutex // guards conns
 	conns map[uint64]*serverConn
 	wg    sync.WaitGroup // connection goroutines
+
+	acked   chan struct{} // closed when the client acknowledged a go-away
+	ackOnce sync.Once
+}
+
+// drained reports whether the session can be closed during shutdown: the
+// client acknowledged the go-away (it has no call left) or the session ended.
+func (ss *serverSession) drained() bool {
+	select {
+	case <-ss.acked:
+		return true
+	case <-ss.s.Done():
+		return true
+	default:
+		return false
+	}
 }
 
 func (ss *serverSession) serve() {
@@ -51,6 +67,9 @@ func (ss *serverSession) serve() {
 				continue
 			}
 			c.push(m)
+		case codec.KindGoAwayAck:
+			ss.s.Release(&m)
+			ss.ackOnce.Do(func() { close(ss.acked) })
 		case codec.KindCloseConn:
 			ss.s.Release(&m)
 			ss.mu.Lock()
@@ -137,6 +156,7 @@ func (c *serverConn) push(m shm.Message) {
 		return
 	}
 	c.queue = append(c.queue, m)
+	c.ss.ts.queued.Add(1)
 	c.mu.Unlock()
 	c.wake()
 }
@@ -164,6 +184,7 @@ func (c *serverConn) next() (shm.Message, bool) {
 			m := c.queue[0]
 			c.queue[0] = shm.Message{}
 			c.queue = c.queue[1:]
+			c.ss.ts.queued.Add(-1)
 			c.mu.Unlock()
 			return m, true
 		}
@@ -185,6 +206,7 @@ func (c *serverConn) run() {
 		c.closing = true
 		rest := c.queue
 		c.queue = nil
+		c.ss.ts.queued.Add(-int64(len(rest)))
 		c.mu.Unlock()
 		for i := range rest {
 			c.ss.s.Release(&rest[i])
