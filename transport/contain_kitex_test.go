@@ -201,7 +201,7 @@ func containSock(t *testing.T) string { return filepath.Join(t.TempDir(), "c.soc
 func TestContainKitex_ForgedPeers(t *testing.T) {
 	log := misbehave.CaptureLog(t)
 	sock := containSock(t)
-	startContainServer(t, sock)
+	startContainServer(t, sock, kshm.WithRegionSize(4<<20), kshm.WithMaxMessageSize(1<<20))
 	caller := startKitexCaller(t, sock, 4)
 	caller.waitCalls(t, 10)
 	before := kshm.ReadStats().Engine.Corrupt
@@ -250,7 +250,7 @@ func TestContainKitex_ForgedPeers(t *testing.T) {
 func TestContainKitex_BadConnections(t *testing.T) {
 	log := misbehave.CaptureLog(t)
 	sock := containSock(t)
-	startContainServer(t, sock, kshm.WithHandshakeTimeout(2*time.Second))
+	startContainServer(t, sock, kshm.WithHandshakeTimeout(3*time.Second), kshm.WithRegionSize(4<<20), kshm.WithMaxMessageSize(1<<20))
 	caller := startKitexCaller(t, sock, 4)
 	caller.waitCalls(t, 10)
 
