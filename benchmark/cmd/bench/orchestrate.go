@@ -32,6 +32,7 @@ type settings struct {
 	kitexTransports  []string // default transports of the kitex layer (all when empty)
 	warmup, duration time.Duration
 	sizes            []int
+	kitexSizes       []int // nil: sizes
 	engineConcs      []int
 	kitexConcs       []int
 	scaleClients     []int
@@ -47,6 +48,7 @@ func modeSettings(o options) (settings, error) {
 		s = settings{rounds: 3, minCalls: 10, maxWindow: 300 * time.Millisecond,
 			warmup: 20 * time.Millisecond, duration: 80 * time.Millisecond,
 			kitexTransports: []string{"kshm", "netpoll-uds", "netpoll-tcp"},
+			kitexSizes:      []int{64, 16 << 10, 1 << 20},
 			sizes:           all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16},
 			scaleClients: nil, scaleSize: 1 << 10, scaleConc: 4}
 	case "full":
@@ -78,7 +80,10 @@ func modeSettings(o options) (settings, error) {
 		s.maxWindow = s.duration
 	}
 	if len(o.sizes) > 0 {
-		s.sizes = o.sizes
+		s.sizes, s.kitexSizes = o.sizes, nil
+	}
+	if s.kitexSizes == nil {
+		s.kitexSizes = s.sizes
 	}
 	if len(o.concs) > 0 {
 		s.engineConcs, s.kitexConcs = o.concs, o.concs
@@ -175,14 +180,14 @@ func orchestrate(o options) error {
 
 	var cases []benchCase
 	for _, layer := range []string{"engine", "kitex"} {
-		concs := set.engineConcs
+		concs, sizes := set.engineConcs, set.sizes
 		if layer == "kitex" {
-			concs = set.kitexConcs
+			concs, sizes = set.kitexConcs, set.kitexSizes
 		}
 		if len(byLayer[layer]) == 0 {
 			continue
 		}
-		for _, size := range set.sizes {
+		for _, size := range sizes {
 			for _, c := range concs {
 				cases = append(cases, benchCase{layer: layer, size: size, conc: c, clients: 1})
 			}
@@ -241,11 +246,13 @@ func orchestrate(o options) error {
 						order = append(order, key{t.id(), c})
 					}
 				}
+				t0 := time.Now()
 				r, err := or.measure(d, c)
+				took := fmt.Sprintf(" [%.1fs]", time.Since(t0).Seconds())
 				or.done++
 				if err != nil {
 					failures[k] = append(failures[k], err.Error())
-					fmt.Fprintf(os.Stderr, "%s FAILED: %v\n", or.prefix(round, d, c), err)
+					fmt.Fprintf(os.Stderr, "%s FAILED%s: %v\n", or.prefix(round, d, c), took, err)
 					continue
 				}
 				results[k] = append(results[k], r)
@@ -253,8 +260,8 @@ func orchestrate(o options) error {
 				if r.fallbacks > 0 {
 					fb = fmt.Sprintf(" FALLBACKS %d/%d", r.fallbacks, r.calls)
 				}
-				fmt.Fprintf(os.Stderr, "%s p50 %s p99 %s %s/s cpu %.1fµs/call allocs %.1f%s%s\n",
-					or.prefix(round, d, c), fmtUs(r.p50), fmtUs(r.p99), fmtCount(r.qps), r.cpu, r.allocs, fb, or.eta())
+				fmt.Fprintf(os.Stderr, "%s p50 %s p99 %s %s/s cpu %.1fµs/call allocs %.1f%s%s%s\n",
+					or.prefix(round, d, c), fmtUs(r.p50), fmtUs(r.p99), fmtCount(r.qps), r.cpu, r.allocs, fb, took, or.eta())
 			}
 		}
 		var recs []record
@@ -385,6 +392,13 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 	if err != nil {
 		return res, err
 	}
+	debug := os.Getenv("KSHM_BENCH_DEBUG") != ""
+	tStart := time.Now()
+	phase := func(name string) {
+		if debug {
+			fmt.Fprintf(os.Stderr, "  %-14s %6.1f ms\n", name, float64(time.Since(tStart).Microseconds())/1000)
+		}
+	}
 	common := []string{"-transport", d.id(), "-sock", addr, "-size", strconv.Itoa(c.size)}
 	srv, err := startChild("server", or.self, append([]string{"-role", "server", "-conc", strconv.Itoa(c.conc * c.clients)}, common...)...)
 	if err != nil {
@@ -399,9 +413,6 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 			srv.kill()
 		}
 	}()
-	if err = srv.expect("ready", 20*time.Second); err != nil {
-		return res, err
-	}
 	for i := 0; i < c.clients; i++ {
 		args := append([]string{"-role", "client", "-conc", strconv.Itoa(c.conc),
 			"-warmup", or.set.warmup.String(), "-duration", or.set.duration.String(),
@@ -412,11 +423,21 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		}
 		clients = append(clients, cl)
 	}
+	if err = srv.expect("ready", 20*time.Second); err != nil {
+		return res, err
+	}
+	phase("server ready")
+	for _, cl := range clients {
+		if err = cl.send("start"); err != nil {
+			return res, cl.failure(err.Error())
+		}
+	}
 	for _, cl := range clients {
 		if err = cl.expect("warm", 30*time.Second+or.set.warmup); err != nil {
 			return res, err
 		}
 	}
+	phase("clients warm")
 	s0, err := queryServer(srv)
 	if err != nil {
 		return res, err
@@ -427,10 +448,11 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		}
 	}
 	for _, cl := range clients {
-		if err = cl.expect("end", 30*time.Second+or.set.maxWindow); err != nil {
+		if err = cl.expect("end", 90*time.Second+or.set.maxWindow); err != nil {
 			return res, err
 		}
 	}
+	phase("window end")
 	s1, err := queryServer(srv)
 	if err != nil {
 		return res, err
@@ -473,19 +495,26 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		clientRSS += float64(r.RSSKiB) / float64(c.clients)
 		clientShmem += float64(r.ShmemKiB) / float64(c.clients)
 	}
-	for _, cl := range clients {
-		if err = cl.stop(10 * time.Second); err != nil {
-			return res, err
+	phase("results")
+	// Stop everyone at once; the server needs no graceful shutdown.
+	stopErrs := make(chan error, len(clients)+1)
+	for _, ch := range append([]*child{srv}, clients...) {
+		go func() { stopErrs <- ch.stop(10 * time.Second) }()
+	}
+	for range len(clients) + 1 {
+		if e := <-stopErrs; e != nil && err == nil {
+			err = e
 		}
 	}
-	if err = srv.stop(10 * time.Second); err != nil {
+	if err != nil {
 		return res, err
 	}
+	phase("server exited")
 	if s1.errors > 0 {
 		return res, fmt.Errorf("server reported %d errors; its output ends:\n%s", s1.errors, indent(srv.logs.String()))
 	}
 	if h.n == 0 || window <= 0 {
-		return res, fmt.Errorf("no call completed in the %v window", or.set.duration)
+		return res, fmt.Errorf("no call completed in the window")
 	}
 	// The server's window (between its two samples) is a little longer than
 	// the clients'; calls flow during both, so scale its CPU time to the

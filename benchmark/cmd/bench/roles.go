@@ -18,7 +18,7 @@ import (
 // whatever a library prints on stdout cannot be mistaken for control):
 //
 //	server: "ready"; orchestrator: "q" -> "u <cpu_ns> <mallocs> <errors> <rss_kib> <shmem_kib>"
-//	client: "warm" -> "go"; "end" -> "stop"; then "result <json>" (or "error <text>" at any time)
+//	client: orchestrator "start"; "warm" -> "go"; "end" -> "stop"; then "result <json>" (or "error <text>" at any time)
 
 // cpuNanos is this process's user+system time from getrusage.
 func cpuNanos() int64 {
@@ -61,10 +61,13 @@ func runServer(o options) error {
 			rss, shmem := memKiB()
 			fmt.Fprintf(ctl, "u %d %d %d %d %d\n", cpuNanos(), mallocs(), n, rss, shmem)
 		case "quit":
-			return srv.close()
+			return nil
 		}
 	}
-	return srv.close()
+	// The orchestrator has what it needs: exit at once, without a graceful
+	// shutdown of the server (the next measurement starts a fresh one).
+	_ = srv
+	return nil
 }
 
 // clientResult is what a client child reports for its measurement window.
@@ -125,6 +128,11 @@ func runClient(o options) error {
 		return err
 	}
 
+	// Started beside the server, to overlap the two processes' start-up;
+	// dial once the orchestrator says the server is ready.
+	if err := expect("start"); err != nil {
+		return err
+	}
 	p := params{sock: o.sock, size: o.size, conc: o.conc}
 	cs, err := def.dial(p)
 	if err != nil {
@@ -211,7 +219,9 @@ func runClient(o options) error {
 	}
 	// Slow cases (megabytes at high concurrency) stay in the window until
 	// enough calls completed, up to -maxwindow.
-	for measured.Load() < uint64(o.minCalls) && time.Since(t0) < o.maxWindow {
+	// At least one call must complete, however slow (up to a minute).
+	for (measured.Load() < uint64(o.minCalls) && time.Since(t0) < o.maxWindow) ||
+		(measured.Load() == 0 && time.Since(t0) < time.Minute) {
 		if err := sleep(o.duration / 10); err != nil {
 			return report(err)
 		}
