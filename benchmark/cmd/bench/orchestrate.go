@@ -224,8 +224,8 @@ func orchestrate(o options) error {
 		or.total += len(transportsOf(c)) * set.rounds
 	}
 	meta := machineInfo()
-	fmt.Fprintf(os.Stderr, "bench: mode %s, %d rounds x %d measurements, %v warm-up + %v each; %s, %d cpus, go %s\n",
-		o.mode, set.rounds, or.total/set.rounds, set.warmup, set.duration, meta.CPU, meta.Cores, meta.Go)
+	fmt.Fprintf(os.Stderr, "bench: mode %s, %d rounds x %d measurements, %v warm-up + %v each; %s, %d cpus, go %s, load %s\n",
+		o.mode, set.rounds, or.total/set.rounds, set.warmup, set.duration, meta.CPU, meta.Cores, meta.Go, meta.LoadAvg)
 
 	type key struct {
 		id string
@@ -264,6 +264,7 @@ func orchestrate(o options) error {
 					or.prefix(round, d, c), fmtUs(r.p50), fmtUs(r.p99), fmtCount(r.qps), r.cpu, r.allocs, fb, took, or.eta())
 			}
 		}
+		meta.LoadEnd = loadAvg()
 		var recs []record
 		for _, k := range order {
 			d, _ := findTransport(k.id)

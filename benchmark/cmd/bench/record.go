@@ -65,8 +65,12 @@ type machine struct {
 	Go     string `json:"go"`
 	OS     string `json:"os"`
 	Arch   string `json:"arch"`
-	Date   string `json:"-"`
-	Commit string `json:"-"`
+	// LoadAvg is /proc/loadavg when the run started and when it ended:
+	// anything else running on the machine skews the numbers.
+	LoadAvg string `json:"loadavg"`
+	LoadEnd string `json:"loadavg_end,omitempty"`
+	Date    string `json:"-"`
+	Commit  string `json:"-"`
 }
 
 func machineInfo() machine {
@@ -82,6 +86,7 @@ func machineInfo() machine {
 		}
 		f.Close()
 	}
+	m.LoadAvg = loadAvg()
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(b))
 	}
@@ -103,6 +108,18 @@ func machineInfo() machine {
 		}
 	}
 	return m
+}
+
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return ""
+	}
+	return strings.Join(f[:3], " ")
 }
 
 func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m machine) record {

@@ -70,6 +70,10 @@ func (d *data) markdown(b *strings.Builder, source, command string, charts map[s
 	fmt.Fprintf(b, "Generated from `%s`, reproduced by `%s`.\n\n", source, command)
 	fmt.Fprintf(b, "- Machine: %s, %d cores, %.0f GiB, Linux %s, %s\n", m.CPU, m.Cores, float64(m.MemKiB)/(1<<20), m.Kernel, m.Go)
 	fmt.Fprintf(b, "- Date: %s; commit `%s`\n", r0.Date, r0.Commit)
+	if m.LoadAvg != "" {
+		fmt.Fprintf(b, "- Load average (1, 5, 15 min) at the start: %s; at the end: %s. With 2 cores, anything above ~1 "+
+			"besides the benchmark means other work competed with it for the CPU.\n", m.LoadAvg, m.LoadEnd)
+	}
 	fmt.Fprintf(b, "- Method: client and server in separate processes; every request and response payload is written in full "+
 		"by its sender and read (verified) in full by its receiver. Transports run back to back within each round, their order "+
 		"rotating from round to round; each figure is the median of %d rounds, and ±x%% is half the spread "+

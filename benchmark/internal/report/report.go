@@ -41,11 +41,13 @@ type Record struct {
 	Calls        uint64    `json:"calls"`
 	Errors       []string  `json:"errors"`
 	Machine      struct {
-		CPU    string `json:"cpu"`
-		Cores  int    `json:"cores"`
-		MemKiB int64  `json:"mem_kib"`
-		Kernel string `json:"kernel"`
-		Go     string `json:"go"`
+		CPU     string `json:"cpu"`
+		Cores   int    `json:"cores"`
+		MemKiB  int64  `json:"mem_kib"`
+		Kernel  string `json:"kernel"`
+		Go      string `json:"go"`
+		LoadAvg string `json:"loadavg"`
+		LoadEnd string `json:"loadavg_end"`
 	} `json:"machine"`
 	Date   string `json:"date"`
 	Commit string `json:"commit"`
