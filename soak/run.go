@@ -1,0 +1,641 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Config is one soak run.
+type Config struct {
+	Duration        time.Duration
+	Clients         int // client processes alive at any time
+	Goroutines      int // calling goroutines per client
+	RegionSize      int // kshm region per session side
+	MaxMessage      int // largest message in shared memory
+	MaxPayload      int // largest payload (above MaxMessage: fallback)
+	CallTimeout     time.Duration
+	ClientKillEvery time.Duration // mean interval between client kills; 0: none
+	ServerKillEvery time.Duration // mean interval between server kills; 0: none
+	Seed            int64
+	Dir             string           // where the socket lives
+	Command         func() *exec.Cmd // runs this program (the role is added to its environment)
+	// Stderr receives the children's stderr, prefixed (default os.Stderr).
+	Stderr io.Writer
+}
+
+// DefaultConfig is the configuration of `make soak` without -duration.
+func DefaultConfig() Config {
+	return Config{
+		Duration:        10 * time.Minute,
+		Clients:         4,
+		Goroutines:      16,
+		RegionSize:      1 << 20,
+		MaxMessage:      64 << 10,
+		MaxPayload:      512 << 10,
+		CallTimeout:     5 * time.Second,
+		ClientKillEvery: 3 * time.Second,
+		ServerKillEvery: 20 * time.Second,
+		Seed:            1,
+	}
+}
+
+// stableShare is the part of the run at its end without server kills, and
+// settle how long after the last server restart calls may still fail.
+const (
+	stableShare = 0.3
+	settle      = 5 * time.Second
+)
+
+// Report is what a run did and found.
+type Report struct {
+	Elapsed                      time.Duration
+	Calls, OK, Errors            int64
+	StableErrors                 int64 // errors after the last server restart had settled
+	Mismatches, Hung             int64
+	Bytes                        int64
+	ShmCalls, FallbackCalls      uint64 // client calls over kshm sessions / over plain Kitex
+	InlineRequests, InlineRecv   uint64 // messages over a session socket (no shared memory)
+	ClientKills, ServerKills     int
+	ClientsStarted, ServerStarts int
+	Failures                     []string
+}
+
+// Passed reports whether the run found nothing wrong.
+func (r *Report) Passed() bool { return len(r.Failures) == 0 }
+
+func (r *Report) fail(format string, a ...any) {
+	r.Failures = append(r.Failures, fmt.Sprintf(format, a...))
+}
+
+type proc struct {
+	name  string
+	cmd   *exec.Cmd
+	lines chan string // stats, quiet and final lines
+	ready chan struct{} // closed at the child's "ready": it handles signals
+	done  chan struct{}
+
+	mu   sync.Mutex // guards last
+	last Progress
+
+	// Errors before the stable phase: the client's errors since count as
+	// stable-phase errors. Set when the stable phase starts, or at start
+	// for a client started in it.
+	stable  bool
+	errBase int64
+}
+
+type runner struct {
+	cfg Config
+	out io.Writer
+	rng *rand.Rand
+
+	mu          sync.Mutex // guards rep, stableSince, retired, failLines
+	rep         Report
+	stableSince time.Time // errors after this count as stable-phase errors
+	retired     Progress  // progress of clients that are gone
+	failLines   int
+
+	errOut  *prefixWriter
+	sock    string
+	server  *proc
+	clients []*proc
+	nextID  int
+}
+
+// Run runs the soak and reports. The error is for a run that could not be
+// carried out at all (the server never started); a run that found problems
+// returns a Report whose Failures say what.
+func Run(cfg Config, out io.Writer) (*Report, error) {
+	if cfg.Stderr == nil {
+		cfg.Stderr = os.Stderr
+	}
+	r := &runner{cfg: cfg, out: out, rng: rand.New(rand.NewPCG(uint64(cfg.Seed), 0x50a4)),
+		sock: filepath.Join(cfg.Dir, "soak.sock"), errOut: &prefixWriter{w: cfg.Stderr, max: 200}}
+	start := time.Now()
+	fmt.Fprintf(out, "soak: %v, %d clients x %d goroutines, region %d KiB, max message %d KiB, payloads up to %d KiB, timeout %v, seed %d\n",
+		cfg.Duration, cfg.Clients, cfg.Goroutines, cfg.RegionSize>>10, cfg.MaxMessage>>10, cfg.MaxPayload>>10, cfg.CallTimeout, cfg.Seed)
+	if err := r.startServer(); err != nil {
+		return nil, err
+	}
+	defer r.killAll()
+	for range cfg.Clients {
+		r.startClient()
+	}
+	r.chaos(start)
+	r.finish()
+	r.rep.Elapsed = time.Since(start)
+	r.print()
+	return &r.rep, nil
+}
+
+// chaos kills and restarts clients and the server until the end of the run;
+// the last stableShare of it kills no server.
+func (r *runner) chaos(start time.Time) {
+	cfg := r.cfg
+	end := start.Add(cfg.Duration)
+	chaosEnd := start.Add(time.Duration(float64(cfg.Duration) * (1 - stableShare)))
+	next := func(mean time.Duration) time.Time {
+		if mean <= 0 {
+			return end.Add(time.Hour)
+		}
+		return time.Now().Add(time.Duration(r.rng.ExpFloat64() * float64(mean)))
+	}
+	nextClientKill, nextServerKill := next(cfg.ClientKillEvery), next(cfg.ServerKillEvery)
+	nextStatus := time.Now().Add(10 * time.Second)
+	var baseline map[string]Sample
+	r.mu.Lock()
+	r.stableSince = chaosEnd.Add(settle)
+	r.mu.Unlock()
+	for now := time.Now(); now.Before(end); now = time.Now() {
+		time.Sleep(50 * time.Millisecond)
+		if now.After(nextClientKill) {
+			r.killClient()
+			nextClientKill = next(cfg.ClientKillEvery)
+		}
+		if now.Before(chaosEnd) && now.After(nextServerKill) {
+			r.killServer()
+			nextServerKill = next(cfg.ServerKillEvery)
+			r.mu.Lock()
+			if t := time.Now().Add(settle); t.After(r.stableSince) {
+				r.stableSince = t
+			}
+			r.mu.Unlock()
+		}
+		r.mu.Lock()
+		stable := now.After(r.stableSince)
+		r.mu.Unlock()
+		if baseline == nil && stable {
+			for _, c := range r.clients {
+				c.mu.Lock()
+				c.stable, c.errBase = true, c.last.Errors
+				c.mu.Unlock()
+			}
+			baseline = r.sampleAll()
+			fmt.Fprintf(r.out, "soak: %v: stable phase: no more server kills; baseline %s\n",
+				time.Since(start).Round(time.Second), describe(baseline))
+		}
+		if now.After(nextStatus) {
+			t := r.totals()
+			fmt.Fprintf(r.out, "soak: %v: %d calls, %d ok, %d errors, %d mismatches; %d clients and %d servers killed\n",
+				time.Since(start).Round(time.Second), t.Calls, t.OK, t.Errors, t.Mismatches, r.rep.ClientKills, r.rep.ServerKills)
+			nextStatus = now.Add(10 * time.Second)
+		}
+	}
+	if baseline == nil {
+		r.rep.fail("the run was too short to reach a stable phase (no leak check of descriptors and memory)")
+		return
+	}
+	final := r.sampleAll()
+	fmt.Fprintf(r.out, "soak: end of load: %s\n", describe(final))
+	r.checkGrowth(baseline, final)
+}
+
+// checkGrowth compares descriptors and resident memory of the processes
+// sampled at the start of the stable phase and at its end (under the same
+// load): they must not grow with the client churn.
+func (r *runner) checkGrowth(before, after map[string]Sample) {
+	for name, a := range after {
+		b, ok := before[name]
+		if !ok {
+			continue // a client started since
+		}
+		fdSlack := 16
+		if name == "server" {
+			fdSlack += 3 * r.cfg.Clients
+		}
+		if a.FDs > b.FDs+fdSlack {
+			r.rep.fail("%s: descriptors grew from %d to %d during the stable phase", name, b.FDs, a.FDs)
+		}
+		if a.RSS > b.RSS+b.RSS/2+64<<20 {
+			r.rep.fail("%s: resident memory grew from %d MiB to %d MiB during the stable phase", name, b.RSS>>20, a.RSS>>20)
+		}
+	}
+}
+
+func describe(s map[string]Sample) string {
+	var names []string
+	for n := range s {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	var b strings.Builder
+	for _, n := range names {
+		fmt.Fprintf(&b, "%s %d fds %d MiB; ", n, s[n].FDs, s[n].RSS>>20)
+	}
+	return strings.TrimSuffix(b.String(), "; ")
+}
+
+// finish quiesces every client (no more calls; each must get all its
+// buffers back while its sessions stay open), then checks that the server
+// has all its buffers back, and stops everyone.
+func (r *runner) finish() {
+	for _, c := range r.clients {
+		if !c.signal(syscall.SIGUSR2, 30*time.Second) {
+			r.rep.fail("%s never got ready", c.name)
+		}
+	}
+	for _, c := range r.clients {
+		line, ok := c.expect("quiet ", r.cfg.CallTimeout+30*time.Second)
+		if !ok {
+			r.rep.fail("%s never became quiet", c.name)
+			continue
+		}
+		var s Sample
+		if err := json.Unmarshal([]byte(strings.TrimPrefix(line, "quiet ")), &s); err != nil {
+			r.rep.fail("%s: bad quiet line %q", c.name, line)
+			continue
+		}
+		if s.Kshm.InUseBuffers != 0 {
+			r.rep.fail("%s: %d shm buffers (%d bytes) still in use after quiescence", c.name, s.Kshm.InUseBuffers, s.Kshm.InUseBytes)
+		}
+	}
+	var s Sample
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var ok bool
+		s, ok = r.sample(r.server)
+		if ok && s.Kshm.InUseBuffers == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	fmt.Fprintf(r.out, "soak: quiet: server has %d sessions, %d shm buffers in use, %d fds, %d MiB resident\n",
+		s.Kshm.Sessions, s.Kshm.InUseBuffers, s.FDs, s.RSS>>20)
+	if s.Kshm.InUseBuffers != 0 {
+		r.rep.fail("server: %d shm buffers (%d bytes) still in use after every client went quiet", s.Kshm.InUseBuffers, s.Kshm.InUseBytes)
+	}
+	if int(s.Kshm.Sessions) > len(r.clients) {
+		r.rep.fail("server: %d sessions open for %d live clients: sessions of killed clients were not closed", s.Kshm.Sessions, len(r.clients))
+	}
+	for _, c := range r.clients {
+		c.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	for _, c := range r.clients {
+		if !c.wait(30 * time.Second) {
+			r.rep.fail("%s did not exit after SIGTERM", c.name)
+		}
+		r.retire(c)
+	}
+	r.clients = nil
+	r.server.cmd.Process.Signal(syscall.SIGTERM)
+	if !r.server.wait(30 * time.Second) {
+		r.rep.fail("server did not exit after SIGTERM")
+	}
+	t := r.totals()
+	r.rep.Calls, r.rep.OK, r.rep.Errors, r.rep.Mismatches, r.rep.Hung, r.rep.Bytes =
+		t.Calls, t.OK, t.Errors, t.Mismatches, t.Hung, t.Bytes
+	r.rep.ShmCalls, r.rep.FallbackCalls, r.rep.InlineRequests, r.rep.InlineRecv = t.ShmCalls, t.FallbackCalls, t.InlineRequests, t.InlineRecv
+	if t.Mismatches > 0 {
+		r.rep.fail("%d responses did not match their requests", t.Mismatches)
+	}
+	if t.Hung > 0 {
+		r.rep.fail("%d calls hung past their timeout", t.Hung)
+	}
+	if r.rep.StableErrors > 0 {
+		r.rep.fail("%d calls failed in the stable phase (no server kill since %v)", r.rep.StableErrors, settle)
+	}
+	if t.OK == 0 {
+		r.rep.fail("no call succeeded")
+	}
+	if t.ShmCalls == 0 || t.FallbackCalls+t.InlineRequests+t.InlineRecv == 0 {
+		r.rep.fail("shared memory calls %d, fallbacks %d: the run did not exercise both paths",
+			t.ShmCalls, t.FallbackCalls+t.InlineRequests+t.InlineRecv)
+	}
+}
+
+func (r *runner) print() {
+	rep := &r.rep
+	w := r.out
+	fmt.Fprintf(w, "soak: ran %v: %d client processes started (%d killed with SIGKILL), server started %d times (%d killed with SIGKILL)\n",
+		rep.Elapsed.Round(time.Second), rep.ClientsStarted, rep.ClientKills, rep.ServerStarts, rep.ServerKills)
+	fmt.Fprintf(w, "soak: %d calls: %d verified byte for byte (%.1f MiB of payload), %d failed with an error (%d in the stable phase), %d mismatched, %d hung\n",
+		rep.Calls, rep.OK, float64(rep.Bytes)/(1<<20), rep.Errors, rep.StableErrors, rep.Mismatches, rep.Hung)
+	fmt.Fprintf(w, "soak: paths: %d requests through kshm sessions, %d calls over plain Kitex (no session), %d requests and %d responses over a session socket (no shared memory)\n",
+		rep.ShmCalls, rep.FallbackCalls, rep.InlineRequests, rep.InlineRecv)
+	for _, f := range rep.Failures {
+		fmt.Fprintf(w, "soak: FAIL: %s\n", f)
+	}
+}
+
+// totals adds up the progress of every client, gone or alive.
+func (r *runner) totals() Progress {
+	r.mu.Lock()
+	t := r.retired
+	r.mu.Unlock()
+	for _, c := range r.clients {
+		c.mu.Lock()
+		add(&t, &c.last)
+		c.mu.Unlock()
+	}
+	return t
+}
+
+func add(t, p *Progress) {
+	t.Calls += p.Calls
+	t.OK += p.OK
+	t.Errors += p.Errors
+	t.Mismatches += p.Mismatches
+	t.Hung += p.Hung
+	t.Bytes += p.Bytes
+	t.ShmCalls += p.ShmCalls
+	t.FallbackCalls += p.FallbackCalls
+	t.InlineRequests += p.InlineRequests
+	t.InlineRecv += p.InlineRecv
+}
+
+// retire adds a gone client's last progress to the totals.
+func (r *runner) retire(c *proc) {
+	c.mu.Lock()
+	p, stable, base := c.last, c.stable, c.errBase
+	c.mu.Unlock()
+	r.mu.Lock()
+	add(&r.retired, &p)
+	if stable {
+		r.rep.StableErrors += p.Errors - base
+	}
+	r.mu.Unlock()
+}
+
+func (r *runner) env(role string) []string {
+	cfg := r.cfg
+	return append(os.Environ(),
+		envRole+"="+role,
+		envSock+"="+r.sock,
+		envG+"="+strconv.Itoa(cfg.Goroutines),
+		envRegion+"="+strconv.Itoa(cfg.RegionSize),
+		envMaxMsg+"="+strconv.Itoa(cfg.MaxMessage),
+		envMaxPay+"="+strconv.Itoa(cfg.MaxPayload),
+		envTimeout+"="+strconv.Itoa(int(cfg.CallTimeout/time.Millisecond)),
+	)
+}
+
+func (r *runner) start(name, role string, extra ...string) (*proc, error) {
+	cmd := r.cfg.Command()
+	cmd.Env = append(r.env(role), extra...)
+	cmd.Stderr = r.errOut.prefixed(name)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	p := &proc{name: name, cmd: cmd, lines: make(chan string, 64), ready: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		readLines(sc, func(l string) { r.handle(p, l) })
+		io.Copy(io.Discard, stdout)
+		cmd.Wait()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+// handle takes one line of a child's stdout.
+func (r *runner) handle(p *proc, l string) {
+	switch {
+	case l == "ready":
+		close(p.ready)
+	case strings.HasPrefix(l, "progress "):
+		var pr Progress
+		if json.Unmarshal([]byte(strings.TrimPrefix(l, "progress ")), &pr) == nil {
+			p.mu.Lock()
+			p.last = pr
+			p.mu.Unlock()
+		}
+	case strings.HasPrefix(l, "mismatch ") || strings.HasPrefix(l, "hung "):
+		r.mu.Lock()
+		if r.failLines < 20 {
+			fmt.Fprintf(r.out, "soak: %s: %s\n", p.name, l)
+		}
+		r.failLines++
+		if strings.HasPrefix(l, "hung calls still in flight") {
+			r.rep.fail("%s: %s", p.name, l)
+		}
+		r.mu.Unlock()
+	case strings.HasPrefix(l, "error "):
+		r.mu.Lock()
+		if !r.stableSince.IsZero() && time.Now().After(r.stableSince) && r.failLines < 20 {
+			r.failLines++
+			fmt.Fprintf(r.out, "soak: %s: stable phase: %s\n", p.name, l)
+		}
+		r.mu.Unlock()
+	default:
+		select {
+		case p.lines <- l:
+		default:
+		}
+	}
+}
+
+// signal sends sig once the child handles signals (a signal before that
+// would kill it), waiting at most timeout; false if it never got ready.
+func (p *proc) signal(sig os.Signal, timeout time.Duration) bool {
+	select {
+	case <-p.ready:
+	case <-p.done:
+		return false
+	case <-time.After(timeout):
+		return false
+	}
+	return p.cmd.Process.Signal(sig) == nil
+}
+
+// expect waits for a line with prefix from p.
+func (p *proc) expect(prefix string, timeout time.Duration) (string, bool) {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	for {
+		select {
+		case l := <-p.lines:
+			if strings.HasPrefix(l, prefix) {
+				return l, true
+			}
+		case <-p.done:
+			// Lines already queued may still hold it.
+			for {
+				select {
+				case l := <-p.lines:
+					if strings.HasPrefix(l, prefix) {
+						return l, true
+					}
+				default:
+					return "", false
+				}
+			}
+		case <-t.C:
+			return "", false
+		}
+	}
+}
+
+func (p *proc) waitReady(timeout time.Duration) bool {
+	select {
+	case <-p.ready:
+		return true
+	case <-p.done:
+	case <-time.After(timeout):
+	}
+	return false
+}
+
+func (p *proc) wait(timeout time.Duration) bool {
+	select {
+	case <-p.done:
+		return true
+	case <-time.After(timeout):
+		p.cmd.Process.Kill()
+		<-p.done
+		return false
+	}
+}
+
+func (r *runner) sample(p *proc) (Sample, bool) {
+	var s Sample
+	if !p.signal(syscall.SIGUSR1, 30*time.Second) {
+		return s, false
+	}
+	line, ok := p.expect("stats ", 10*time.Second)
+	if !ok {
+		return s, false
+	}
+	return s, json.Unmarshal([]byte(strings.TrimPrefix(line, "stats ")), &s) == nil
+}
+
+func (r *runner) sampleAll() map[string]Sample {
+	m := map[string]Sample{}
+	if s, ok := r.sample(r.server); ok {
+		m["server"] = s
+	}
+	for _, c := range r.clients {
+		if s, ok := r.sample(c); ok {
+			m[c.name] = s
+		}
+	}
+	return m
+}
+
+var errNoServer = errors.New("soak: the server did not start")
+
+func (r *runner) startServer() error {
+	var last error
+	for attempt := 0; attempt < 3; attempt++ {
+		p, err := r.start("server", "server")
+		if err != nil {
+			return err
+		}
+		if p.waitReady(60 * time.Second) {
+			r.server = p
+			r.rep.ServerStarts++
+			return nil
+		}
+		p.cmd.Process.Kill()
+		<-p.done
+		last = fmt.Errorf("%w (attempt %d)", errNoServer, attempt+1)
+	}
+	return last
+}
+
+func (r *runner) startClient() {
+	r.nextID++
+	name := fmt.Sprintf("client-%d", r.nextID)
+	p, err := r.start(name, "client", envID+"="+strconv.Itoa(r.nextID))
+	if err != nil {
+		r.rep.fail("start %s: %v", name, err)
+		return
+	}
+	r.mu.Lock()
+	p.stable = !r.stableSince.IsZero() && time.Now().After(r.stableSince)
+	r.mu.Unlock()
+	r.clients = append(r.clients, p)
+	r.rep.ClientsStarted++
+}
+
+func (r *runner) killClient() {
+	if len(r.clients) == 0 {
+		return
+	}
+	i := r.rng.IntN(len(r.clients))
+	c := r.clients[i]
+	c.cmd.Process.Signal(syscall.SIGKILL)
+	<-c.done
+	r.retire(c)
+	r.clients = append(r.clients[:i], r.clients[i+1:]...)
+	r.rep.ClientKills++
+	r.startClient()
+}
+
+func (r *runner) killServer() {
+	r.server.cmd.Process.Signal(syscall.SIGKILL)
+	<-r.server.done
+	r.rep.ServerKills++
+	time.Sleep(time.Duration(r.rng.IntN(300)) * time.Millisecond)
+	if err := r.startServer(); err != nil {
+		r.rep.fail("server restart: %v", err)
+	}
+}
+
+// killAll kills whatever is still running (after a failure).
+func (r *runner) killAll() {
+	for _, c := range r.clients {
+		c.cmd.Process.Kill()
+		<-c.done
+	}
+	if r.server != nil {
+		r.server.cmd.Process.Kill()
+		<-r.server.done
+	}
+}
+
+// prefixWriter passes the children's stderr on, each line prefixed with the
+// child's name, at most max lines in all.
+type prefixWriter struct {
+	mu    sync.Mutex // guards lines and w
+	w     io.Writer
+	max   int
+	lines int
+}
+
+type prefixed struct {
+	pw   *prefixWriter
+	name string
+	buf  []byte
+}
+
+func (pw *prefixWriter) prefixed(name string) io.Writer { return &prefixed{pw: pw, name: name} }
+
+func (p *prefixed) Write(b []byte) (int, error) {
+	p.buf = append(p.buf, b...)
+	for {
+		i := strings.IndexByte(string(p.buf), '\n')
+		if i < 0 {
+			break
+		}
+		line := string(p.buf[:i])
+		p.buf = p.buf[i+1:]
+		p.pw.mu.Lock()
+		if p.pw.lines < p.pw.max {
+			fmt.Fprintf(p.pw.w, "[%s] %s\n", p.name, line)
+		} else if p.pw.lines == p.pw.max {
+			fmt.Fprintf(p.pw.w, "[soak] more output from children suppressed\n")
+		}
+		p.pw.lines++
+		p.pw.mu.Unlock()
+	}
+	return len(b), nil
+}
+

@@ -1,0 +1,51 @@
+package main
+
+import (
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestMain(m *testing.M) {
+	if role := os.Getenv(envRole); role != "" {
+		os.Exit(runChild(role))
+	}
+	os.Exit(m.Run())
+}
+
+// testWriter passes the soak's report to the test log, line by line.
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimSuffix(string(b), "\n"))
+	return len(b), nil
+}
+
+// TestSoak_Short is the short variant of `make soak`: the same run for
+// about 40 seconds (20 with -short; KSHM_SOAK_DURATION overrides), with
+// clients killed every 2 s and the server every 8 s on average.
+func TestSoak_Short(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Duration = 40 * time.Second
+	if testing.Short() {
+		cfg.Duration = 20 * time.Second
+	}
+	if v, err := time.ParseDuration(os.Getenv("KSHM_SOAK_DURATION")); err == nil {
+		cfg.Duration = v
+	}
+	cfg.Clients, cfg.Goroutines = 3, 8
+	cfg.ClientKillEvery, cfg.ServerKillEvery = 2*time.Second, 8*time.Second
+	cfg.Seed = time.Now().UnixNano()
+	cfg.Dir = t.TempDir()
+	cfg.Command = func() *exec.Cmd { return exec.Command(os.Args[0], "-test.run=^$") }
+	cfg.Stderr = testWriter{t}
+	rep, err := Run(cfg, testWriter{t})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.Passed() {
+		t.Fatalf("soak failed: %s", strings.Join(rep.Failures, "; "))
+	}
+}
