@@ -83,7 +83,7 @@ func (r *Report) fail(format string, a ...any) {
 type proc struct {
 	name  string
 	cmd   *exec.Cmd
-	lines chan string // stats, quiet and final lines
+	lines chan string   // stats, quiet and final lines
 	ready chan struct{} // closed at the child's "ready": it handles signals
 	done  chan struct{}
 
@@ -638,4 +638,3 @@ func (p *prefixed) Write(b []byte) (int, error) {
 	}
 	return len(b), nil
 }
-
