@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -35,10 +37,41 @@ func mallocs() uint64 {
 	return ms.Mallocs
 }
 
+// With KSHM_BENCH_CPUPROFILE=dir, every server and client process writes a
+// CPU profile of its measurement window to dir/<role>-<transport>-<size>-c<conc>-<pid>.prof.
+var profileName string
+
+func setProfileName(o options) {
+	profileName = fmt.Sprintf("%s-%d-c%d", strings.ReplaceAll(o.transport, "/", "-"), o.size, o.conc)
+}
+
+func startProfile(role string) {
+	dir := os.Getenv("KSHM_BENCH_CPUPROFILE")
+	if dir == "" {
+		return
+	}
+	f, err := os.Create(filepath.Join(dir, fmt.Sprintf("%s-%s-%d.prof", role, profileName, os.Getpid())))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "cpu profile: %v\n", err)
+		return
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		fmt.Fprintf(os.Stderr, "cpu profile: %v\n", err)
+		f.Close()
+	}
+}
+
+func stopProfile() {
+	if os.Getenv("KSHM_BENCH_CPUPROFILE") != "" {
+		pprof.StopCPUProfile()
+	}
+}
+
 // controlOut is the child's end of the control channel.
 func controlOut() *os.File { return os.NewFile(3, "control") }
 
 func runServer(o options) error {
+	setProfileName(o)
 	ctl := controlOut()
 	def, err := findTransport(o.transport)
 	if err != nil {
@@ -54,9 +87,16 @@ func runServer(o options) error {
 	}
 	fmt.Fprintln(ctl, "ready")
 	in := bufio.NewScanner(os.Stdin)
+	queries := 0
 	for in.Scan() {
 		switch in.Text() {
 		case "q":
+			// The first query opens the window, the second closes it.
+			if queries++; queries == 1 {
+				startProfile("server")
+			} else {
+				stopProfile()
+			}
 			_, n := fails.get()
 			rss, shmem := memKiB()
 			fmt.Fprintf(ctl, "u %d %d %d %d %d\n", cpuNanos(), mallocs(), n, rss, shmem)
@@ -108,6 +148,7 @@ func memKiB() (rss, shmem int64) {
 }
 
 func runClient(o options) error {
+	setProfileName(o)
 	def, err := findTransport(o.transport)
 	if err != nil {
 		return err
@@ -221,6 +262,7 @@ func runClient(o options) error {
 		stop()
 		return err
 	}
+	startProfile("client")
 	f0, m0, c0, t0 := fallbacks(), mallocs(), cpuNanos(), time.Now()
 	phase.Store(phaseMeasure)
 	if err := sleep(o.duration); err != nil {
@@ -237,6 +279,7 @@ func runClient(o options) error {
 	}
 	phase.Store(phaseCool)
 	t1, c1, m1, f1 := time.Now(), cpuNanos(), mallocs(), fallbacks()
+	stopProfile()
 	fmt.Fprintln(ctl, "end")
 	if err := expect("stop"); err != nil {
 		stop()
