@@ -251,6 +251,8 @@ type Stats struct {
 	InlineRequests  uint64 // requests that found no shared memory mid-encode (sent over the socket)
 	InlineResponses uint64 // responses likewise
 	LateResponses   uint64 // responses to calls that had given up: dropped and released
+	SessionsDialed  uint64 // client sessions established
+	SessionsServed  uint64 // server sessions accepted
 	SessionsLost    uint64 // client sessions that died
 	PlainConns      uint64 // plain Kitex connections accepted on the unix socket
 	ClientConns     int64  // client virtual connections open now
@@ -284,6 +286,8 @@ func ReadStats() Stats {
 		InlineRequests:  t.InlineRequests,
 		InlineResponses: t.InlineResponses,
 		LateResponses:   t.LateResponses,
+		SessionsDialed:  t.SessionsDialed,
+		SessionsServed:  t.SessionsAccepted,
 		SessionsLost:    t.SessionsLost,
 		PlainConns:      t.PlainConns,
 		ClientConns:     t.ClientConns,

@@ -220,7 +220,7 @@ func printStats(prefix string) {
 // runClient calls Echo with 64 KiB payloads from 8 goroutines, forever;
 // it prints "calling" after the first successful call.
 func runClient() int {
-	c, err := echoservice.NewClient(serviceName, kshm.WithClientShmIPC(kshm.WithSocketPath(os.Getenv(envSock))))
+	c, err := echoservice.NewClient(serviceName, kshm.WithClientShmIPC(kshm.WithSocketPath(os.Getenv(envSock)), kshm.WithRegionSize(16<<20)))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
