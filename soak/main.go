@@ -21,6 +21,8 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
+	"syscall"
 	"time"
 )
 
@@ -51,6 +53,16 @@ func main() {
 		defer os.RemoveAll(d)
 		cfg.Dir = d
 	}
+	// On Ctrl-C or SIGTERM: remove the directory and exit; the children
+	// die with us (Pdeathsig).
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		s := <-sigs
+		fmt.Fprintf(os.Stderr, "soak: %v: stopping\n", s)
+		os.RemoveAll(cfg.Dir)
+		os.Exit(1)
+	}()
 	self, err := os.Executable()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "soak:", err)
@@ -64,7 +76,7 @@ func main() {
 	}
 	if !rep.Passed() {
 		fmt.Println("soak: FAILED")
-		os.RemoveAll(cfg.Dir)
+		os.RemoveAll(cfg.Dir) // os.Exit skips the deferred removal
 		os.Exit(1)
 	}
 	fmt.Println("soak: PASSED")

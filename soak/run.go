@@ -386,6 +386,8 @@ func (r *runner) start(name, role string, extra ...string) (*proc, error) {
 	cmd := r.cfg.Command()
 	cmd.Env = append(r.env(role), extra...)
 	cmd.Stderr = r.errOut.prefixed(name)
+	// Children die with the soak, however it ends (Ctrl-C included).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
