@@ -132,8 +132,9 @@ func FuzzRecvDescriptors(f *testing.F) {
 			seg := m.Segment(i)
 			_ = bytes.Count(seg, []byte{0}) // read every byte
 		}
-		// The message is dropped unreleased: the client never allocated
-		// these slots, and the pair is closed at the end of this input.
+		// Release it: the bogus slots then close the session from the
+		// client's side, and the mappings can be unmapped.
+		srv.Release(&m)
 	})
 }
 
@@ -172,6 +173,9 @@ func FuzzReleaseEntries(f *testing.F) {
 		}
 		atomic.StoreUint64(&cli.lh.RelTail, cli.relTail)
 		srv.reclaim()
+		for i := range held {
+			cli.Release(&held[i])
+		}
 		if err := srv.Err(); err != nil && !errors.Is(err, ErrCorrupt) {
 			t.Fatalf("session closed with %v", err)
 		}

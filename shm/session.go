@@ -822,6 +822,10 @@ func (s *Session) closeWith(reason error, tellPeer bool) {
 		s.allocMu.Lock()
 		s.dead = true
 		s.allocMu.Unlock()
+		if n := s.held.Load(); n > 0 {
+			klog.Warnf("kshm: session with pid %d closed while this process still holds %d of its buffers unreleased; "+
+				"both regions stay mapped until every received message is released", s.peerPID, n)
+		}
 		global.sessions.Add(-1)
 		global.inUseBuffers.Add(-s.inUseBufs.Swap(0))
 		global.inUseBytes.Add(-s.inUseBytes.Swap(0))
