@@ -10,6 +10,8 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,6 +39,7 @@ const (
 	envMaxMsg  = "KSHM_SOAK_MAXMSG"
 	envMaxPay  = "KSHM_SOAK_MAXPAY"
 	envTimeout = "KSHM_SOAK_TIMEOUT"
+	envDir     = "KSHM_SOAK_DIR" // where hang dumps go
 
 	serviceName = "kshm-soak"
 )
@@ -145,14 +148,18 @@ func runServer() int {
 		kshm.WithServerShmIPC(shmOptions()...),
 	)
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGTERM)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGHUP)
 	go func() {
 		for s := range sigs {
-			if s == syscall.SIGTERM {
+			switch s {
+			case syscall.SIGTERM:
 				stop <- nil
 				return
+			case syscall.SIGHUP:
+				dumpGoroutines("server")
+			default:
+				sayJSON("stats", sample())
 			}
-			sayJSON("stats", sample())
 		}
 	}()
 	runErr := make(chan error, 1)
@@ -236,6 +243,8 @@ func runClient() int {
 	stopCalls := make(chan struct{})
 	var wg sync.WaitGroup
 	var errLines atomic.Int64
+	starts := make([]atomic.Int64, envInt(envG)) // unix ns a call started, 0 when idle
+	go watchdog(starts, timeout, fmt.Sprintf("client-%d", id))
 	for g := range envInt(envG) {
 		wg.Add(1)
 		go func() {
@@ -255,10 +264,12 @@ func runClient() int {
 				fill(req.Payload, r.Uint64())
 				p.inflight.Add(1)
 				start := time.Now()
+				starts[g].Store(start.UnixNano())
 				ctx, cancel := context.WithTimeout(context.Background(), timeout+time.Second)
 				resp, err := c.Echo(ctx, req)
 				cancel()
 				took := time.Since(start)
+				starts[g].Store(0)
 				p.inflight.Add(-1)
 				p.calls.Add(1)
 				if took > timeout+2*time.Second {
@@ -327,6 +338,40 @@ func quiesce(stop chan struct{}, wg *sync.WaitGroup, timeout time.Duration) {
 	for kshm.ReadStats().InUseBuffers != 0 && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// watchdog dumps every goroutine's stack once a call has been in flight
+// longer than its timeout plus 2 s, and says so ("hangdump <file>"): the
+// soak then asks the server for its stacks too.
+func watchdog(starts []atomic.Int64, timeout time.Duration, name string) {
+	for dumps := 0; dumps < 3; {
+		time.Sleep(500 * time.Millisecond)
+		now := time.Now().UnixNano()
+		for i := range starts {
+			if st := starts[i].Load(); st != 0 && time.Duration(now-st) > timeout+2*time.Second {
+				dumpGoroutines(name)
+				dumps++
+				time.Sleep(10 * time.Second)
+				break
+			}
+		}
+	}
+}
+
+var dumpSeq atomic.Int64
+
+// dumpGoroutines writes every goroutine's stack to a file in $KSHM_SOAK_DIR
+// and prints "hangdump <file>".
+func dumpGoroutines(name string) {
+	path := filepath.Join(os.Getenv(envDir), fmt.Sprintf("hang-%s-%d-%d.txt", name, os.Getpid(), dumpSeq.Add(1)))
+	f, err := os.Create(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "soak: hang dump:", err)
+		return
+	}
+	pprof.Lookup("goroutine").WriteTo(f, 2)
+	f.Close()
+	say("hangdump %s", path)
 }
 
 // fill writes pseudo-random bytes derived from seed into p.

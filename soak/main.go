@@ -76,7 +76,11 @@ func main() {
 	}
 	if !rep.Passed() {
 		fmt.Println("soak: FAILED")
-		os.RemoveAll(cfg.Dir) // os.Exit skips the deferred removal
+		if len(rep.HangDumps) > 0 {
+			fmt.Printf("soak: goroutine dumps kept in %s\n", cfg.Dir)
+		} else {
+			os.RemoveAll(cfg.Dir) // os.Exit skips the deferred removal
+		}
 		os.Exit(1)
 	}
 	fmt.Println("soak: PASSED")

@@ -71,6 +71,7 @@ type Report struct {
 	ClientKills, ServerKills     int
 	ClientsStarted, ServerStarts int
 	Failures                     []string
+	HangDumps                    []string // goroutine dumps written when a call hung
 }
 
 // Passed reports whether the run found nothing wrong.
@@ -189,8 +190,8 @@ func (r *runner) chaos(start time.Time) {
 		}
 		if now.After(nextStatus) {
 			t := r.totals()
-			fmt.Fprintf(r.out, "soak: %v: %d calls, %d ok, %d errors, %d mismatches; %d clients and %d servers killed\n",
-				time.Since(start).Round(time.Second), t.Calls, t.OK, t.Errors, t.Mismatches, r.rep.ClientKills, r.rep.ServerKills)
+			fmt.Fprintf(r.out, "soak: %v (%s): %d calls, %d ok, %d errors, %d mismatches; %d clients and %d servers killed\n",
+				time.Since(start).Round(time.Second), now.UTC().Format("15:04:05"), t.Calls, t.OK, t.Errors, t.Mismatches, r.rep.ClientKills, r.rep.ServerKills)
 			nextStatus = now.Add(10 * time.Second)
 		}
 	}
@@ -328,6 +329,9 @@ func (r *runner) print() {
 	for _, f := range rep.Failures {
 		fmt.Fprintf(w, "soak: FAIL: %s\n", f)
 	}
+	for _, d := range rep.HangDumps {
+		fmt.Fprintf(w, "soak: goroutine dump: %s\n", d)
+	}
 }
 
 // totals adds up the progress of every client, gone or alive.
@@ -379,6 +383,7 @@ func (r *runner) env(role string) []string {
 		envMaxMsg+"="+strconv.Itoa(cfg.MaxMessage),
 		envMaxPay+"="+strconv.Itoa(cfg.MaxPayload),
 		envTimeout+"="+strconv.Itoa(int(cfg.CallTimeout/time.Millisecond)),
+		envDir+"="+cfg.Dir,
 	)
 }
 
@@ -429,6 +434,15 @@ func (r *runner) handle(p *proc, l string) {
 			r.rep.fail("%s: %s", p.name, l)
 		}
 		r.mu.Unlock()
+	case strings.HasPrefix(l, "hangdump "):
+		r.mu.Lock()
+		r.rep.HangDumps = append(r.rep.HangDumps, strings.TrimPrefix(l, "hangdump "))
+		fmt.Fprintf(r.out, "soak: %s: a call is hung: goroutines dumped to %s\n", p.name, strings.TrimPrefix(l, "hangdump "))
+		srv := r.server
+		r.mu.Unlock()
+		if p != srv && srv != nil {
+			srv.cmd.Process.Signal(syscall.SIGHUP) // the server dumps its goroutines too
+		}
 	case strings.HasPrefix(l, "error "):
 		r.mu.Lock()
 		if !r.stableSince.IsZero() && time.Now().After(r.stableSince) && r.failLines < 20 {
@@ -541,7 +555,9 @@ func (r *runner) startServer() error {
 			return err
 		}
 		if p.waitReady(60 * time.Second) {
+			r.mu.Lock()
 			r.server = p
+			r.mu.Unlock()
 			r.rep.ServerStarts++
 			return nil
 		}
