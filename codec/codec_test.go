@@ -375,3 +375,129 @@ func BenchmarkWriteRead_1KiB(b *testing.B) {
 		r.Release(nil)
 	}
 }
+
+// FuzzReadBuffer reads a message of random segments with a random sequence
+// of Next/Peek/Skip/ReadBinary/ReadString and checks every result against a
+// plain byte slice: reads never go out of bounds, never panic, and return
+// exactly the message's bytes.
+func FuzzReadBuffer(f *testing.F) {
+	f.Add([]byte("hello, shared memory"), []byte{3, 0, 7}, []byte{1, 4, 2, 9, 0, 3, 3, 200})
+	f.Add(make([]byte, 5000), []byte{255, 255, 10}, []byte{0, 100, 1, 100, 2, 50, 4, 255})
+	snd, rcv := pair(f, smallConfig())
+	var id uint64
+	f.Fuzz(func(t *testing.T, data, splits, ops []byte) {
+		id++
+		readBufferCase(t, snd, rcv, id, data, splits, ops)
+	})
+}
+
+func readBufferCase(t *testing.T, snd, rcv *shm.Session, id uint64, data, splits, ops []byte) {
+	{
+		if len(data) > 64<<10 || len(splits) > shm.MaxSegments-1 {
+			return
+		}
+		// Cut data into up to MaxSegments pieces, each in its own buffer.
+		var pieces [][]byte
+		rest := data
+		for _, s := range splits {
+			n := int(s) * 37 % (len(rest) + 1)
+			pieces = append(pieces, rest[:n])
+			rest = rest[n:]
+		}
+		pieces = append(pieces, rest)
+		var bufs []shm.Buffer
+		for _, p := range pieces {
+			if len(p) == 0 {
+				continue
+			}
+			b, err := snd.Alloc(len(p))
+			if err != nil {
+				for _, b := range bufs {
+					snd.Free(b)
+				}
+				t.Skip(err)
+			}
+			copy(b.Bytes(), p)
+			bufs = append(bufs, b)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := snd.Send(ctx, id, 0, KindRequest, bufs...); err != nil {
+			t.Fatalf("Send of %d buffers: %v (sender %+v)", len(bufs), err, snd.Stats())
+		}
+		m := recv(t, rcv)
+		r := NewReadBuffer(rcv, &m)
+		defer r.Release(nil)
+
+		pos := 0
+		for i := 0; i+1 < len(ops); i += 2 {
+			n := int(ops[i+1]) * 13
+			left := len(data) - pos
+			switch ops[i] % 5 {
+			case 0:
+				p, err := r.Next(n)
+				if n > left {
+					if err == nil {
+						t.Fatalf("Next(%d) with %d left succeeded", n, left)
+					}
+					continue
+				}
+				if err != nil || !bytes.Equal(p, data[pos:pos+n]) {
+					t.Fatalf("Next(%d) at %d: %v", n, pos, err)
+				}
+				pos += n
+			case 1:
+				p, err := r.Peek(n)
+				if n > left {
+					if err == nil {
+						t.Fatalf("Peek(%d) with %d left succeeded", n, left)
+					}
+					continue
+				}
+				if err != nil || !bytes.Equal(p, data[pos:pos+n]) {
+					t.Fatalf("Peek(%d) at %d: %v", n, pos, err)
+				}
+			case 2:
+				err := r.Skip(n)
+				if n > left {
+					if err == nil {
+						t.Fatalf("Skip(%d) with %d left succeeded", n, left)
+					}
+					continue
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				pos += n
+			case 3:
+				p := make([]byte, n)
+				_, err := r.ReadBinary(p)
+				if n > left {
+					if err == nil {
+						t.Fatalf("ReadBinary(%d) with %d left succeeded", n, left)
+					}
+					continue
+				}
+				if err != nil || !bytes.Equal(p, data[pos:pos+n]) {
+					t.Fatalf("ReadBinary(%d) at %d: %v", n, pos, err)
+				}
+				pos += n
+			case 4:
+				s, err := r.ReadString(n)
+				if n > left {
+					if err == nil {
+						t.Fatalf("ReadString(%d) with %d left succeeded", n, left)
+					}
+					continue
+				}
+				if err != nil || s != string(data[pos:pos+n]) {
+					t.Fatalf("ReadString(%d) at %d: %v", n, pos, err)
+				}
+				pos += n
+			}
+			if r.ReadLen() != pos || r.ReadableLen() != len(data)-pos {
+				t.Fatalf("ReadLen %d ReadableLen %d, want %d and %d", r.ReadLen(), r.ReadableLen(), pos, len(data)-pos)
+			}
+		}
+	}
+}
