@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -171,6 +172,12 @@ func runServer() int {
 			printStats("stats")
 		}
 	}()
+	if path := os.Getenv("KSHM_T_CPUPROFILE"); path != "" { // for looking into the server's costs
+		f, err := os.Create(path)
+		if err == nil && pprof.StartCPUProfile(f) == nil {
+			defer func() { pprof.StopCPUProfile(); f.Close() }()
+		}
+	}
 	runErr := make(chan error, 1)
 	go func() { runErr <- svr.Run() }()
 

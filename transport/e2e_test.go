@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -702,7 +703,9 @@ func TestKitex_ClientKilledMidCall(t *testing.T) {
 }
 
 // BenchmarkKitex_Echo1KiB measures a kshm Echo call from this process to a
-// child server, with this side's allocations.
+// child server, with this side's allocations. KSHM_BENCH_SIZE changes the
+// payload size; KSHM_BENCH_WAKE=poll|timed|plain the wake mode or, plain,
+// Kitex over the same unix socket without kshm.
 func BenchmarkKitex_Echo1KiB(b *testing.B) {
 	sock := filepath.Join(b.TempDir(), "k.sock")
 	p := shmtest.Start(b, roleServer, envSock+"="+sock)
@@ -725,7 +728,11 @@ func BenchmarkKitex_Echo1KiB(b *testing.B) {
 	}
 	defer kc.(interface{ Close() error }).Close()
 	c := &echoClient{kc}
-	req := &echo.EchoRequest{Payload: payload(1024, 1)}
+	size := 1024
+	if v, err := strconv.Atoi(os.Getenv("KSHM_BENCH_SIZE")); err == nil {
+		size = v
+	}
+	req := &echo.EchoRequest{Payload: payload(size, 1)}
 	ctx := context.Background()
 	if _, err := c.Echo(ctx, req); err != nil {
 		b.Fatal(err)
