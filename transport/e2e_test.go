@@ -787,3 +787,44 @@ func TestKitex_ClientCloseEndsSessions(t *testing.T) {
 	}
 	srv.stop(t)
 }
+
+// A connect timeout on the fallback path is Kitex's own connect error, the
+// same as without kshm. (Over shared memory there is no connect per call;
+// the session's dial is bounded by WithDialTimeout and a failed dial means
+// fallback.) The peer is a TCP listener on 127.0.0.1 whose accept queue is
+// full, so a connect hangs.
+func TestKitex_ConnectTimeoutIsKitexError(t *testing.T) {
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := (&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: sa.(*syscall.SockaddrInet4).Port}).String()
+	for i := 0; i < 4; i++ { // fill the accept queue; nobody accepts
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err != nil {
+			break
+		}
+		defer c.Close()
+	}
+	for _, opts := range [][]client.Option{
+		{shmOpt(sockPath(t))}, // kshm, no session: fallback
+		nil,                   // plain Kitex
+	} {
+		c := newEchoClient(t, append(opts, client.WithHostPorts(addr), client.WithConnectTimeout(50*time.Millisecond))...)
+		_, err := c.Echo(context.Background(), &echo.EchoRequest{})
+		if !errors.Is(err, kerrors.ErrGetConnection) || !strings.Contains(err.Error(), "timeout") {
+			t.Fatalf("connect to a full accept queue: %v, want Kitex's connect timeout error", err)
+		}
+	}
+}
