@@ -21,6 +21,7 @@ import (
 	"github.com/bytedance/gopkg/cloud/metainfo"
 	"github.com/cloudwego/kitex/client"
 	"github.com/cloudwego/kitex/client/callopt"
+	"github.com/cloudwego/kitex/pkg/discovery"
 	"github.com/cloudwego/kitex/pkg/endpoint"
 	"github.com/cloudwego/kitex/pkg/kerrors"
 	"github.com/cloudwego/kitex/pkg/retry"
@@ -549,6 +550,17 @@ func TestKitex_NoSessionFallsBack(t *testing.T) {
 	if st.FallbackCalls-before.FallbackCalls < 3 || st.CallsSent != before.CallsSent {
 		t.Fatalf("fallback calls %d, shm calls %d; want 3 and 0", st.FallbackCalls-before.FallbackCalls, st.CallsSent-before.CallsSent)
 	}
+
+	// The same through a resolver instead of WithHostPorts.
+	res := &discovery.SynthesizedResolver{
+		ResolveFunc: func(ctx context.Context, key string) (discovery.Result, error) {
+			return discovery.Result{Cacheable: true, CacheKey: "test", Instances: []discovery.Instance{
+				discovery.NewInstance("tcp", srv.addr, discovery.DefaultWeight, nil)}}, nil
+		},
+		NameFunc: func() string { return "test-resolver" },
+	}
+	rc := newEchoClient(t, kshm.WithClientShmIPC(kshm.WithSocketPath(sockPath(t))), client.WithResolver(res))
+	checkEcho(t, rc, 5000, 7)
 	srv.stop(t)
 }
 
