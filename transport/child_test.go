@@ -17,6 +17,7 @@ import (
 
 	"github.com/bytedance/gopkg/cloud/metainfo"
 	"github.com/cloudwego/kitex/pkg/endpoint"
+	"github.com/cloudwego/kitex/pkg/remote"
 	"github.com/cloudwego/kitex/pkg/rpcinfo"
 	"github.com/cloudwego/kitex/server"
 
@@ -132,7 +133,9 @@ func runServer() int {
 	if name == "" {
 		name = serviceName
 	}
+	hooks := &connHooks{seen: make(map[net.Conn]*connLife)}
 	opts := []server.Option{
+		server.WithBoundHandler(hooks),
 		server.WithListener(ln),
 		server.WithServerBasicInfo(&rpcinfo.EndpointBasicInfo{ServiceName: name}),
 		server.WithMiddleware(func(next endpoint.Endpoint) endpoint.Endpoint {
@@ -166,9 +169,14 @@ func runServer() int {
 	}
 
 	usr1 := make(chan os.Signal, 1)
-	signal.Notify(usr1, syscall.SIGUSR1)
+	signal.Notify(usr1, syscall.SIGUSR1, syscall.SIGUSR2)
 	go func() {
-		for range usr1 {
+		for sig := range usr1 {
+			if sig == syscall.SIGUSR2 {
+				b, _ := json.Marshal(hooks.report())
+				shmtest.Printf("hooks %s", b)
+				continue
+			}
 			printStats("stats")
 		}
 	}()
@@ -244,4 +252,75 @@ func runClient() int {
 		}()
 	}
 	select {}
+}
+
+// connHooks checks Kitex's connection contract on the server: for every
+// connection OnActive exactly once before any OnRead, OnInactive exactly once
+// at the end.
+type connHooks struct {
+	mu   sync.Mutex
+	seen map[net.Conn]*connLife
+}
+
+type connLife struct{ active, reads, inactive int }
+
+// hookReport is what the child prints on SIGUSR2.
+type hookReport struct {
+	Conns, Open, Reads, Violations int
+}
+
+func (h *connHooks) life(conn net.Conn) *connLife {
+	l := h.seen[conn]
+	if l == nil {
+		l = &connLife{}
+		h.seen[conn] = l
+	}
+	return l
+}
+
+func (h *connHooks) OnActive(ctx context.Context, conn net.Conn) (context.Context, error) {
+	h.mu.Lock()
+	h.life(conn).active++
+	h.mu.Unlock()
+	return ctx, nil
+}
+
+func (h *connHooks) OnInactive(ctx context.Context, conn net.Conn) context.Context {
+	h.mu.Lock()
+	h.life(conn).inactive++
+	h.mu.Unlock()
+	return ctx
+}
+
+func (h *connHooks) OnRead(ctx context.Context, conn net.Conn) (context.Context, error) {
+	h.mu.Lock()
+	l := h.life(conn)
+	l.reads++
+	if l.active != 1 || l.inactive != 0 {
+		l.active = -1000 // a read outside the connection's life: counted as a violation
+	}
+	h.mu.Unlock()
+	return ctx, nil
+}
+
+func (h *connHooks) OnMessage(ctx context.Context, args, result remote.Message) (context.Context, error) {
+	return ctx, nil
+}
+
+func (h *connHooks) report() hookReport {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var r hookReport
+	for _, l := range h.seen {
+		r.Conns++
+		r.Reads += l.reads
+		switch {
+		case l.active == 1 && l.inactive == 0:
+			r.Open++
+		case l.active == 1 && l.inactive == 1:
+		default:
+			r.Violations++
+		}
+	}
+	return r
 }

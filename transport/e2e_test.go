@@ -95,6 +95,20 @@ func (s *testServer) waitNoBuffers(t *testing.T) kshm.Stats {
 	}
 }
 
+// hooks returns the server's record of Kitex's connection contract.
+func (s *testServer) hooks(t *testing.T) hookReport {
+	t.Helper()
+	if err := s.p.Cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	var r hookReport
+	line := s.p.Expect(t, "hooks ", 20*time.Second)
+	if err := json.Unmarshal([]byte(strings.TrimPrefix(line, "hooks ")), &r); err != nil {
+		t.Fatalf("bad hooks line %q: %v", line, err)
+	}
+	return r
+}
+
 // stop stops the server gracefully (SIGTERM) and returns its final stats.
 func (s *testServer) stop(t *testing.T) kshm.Stats {
 	t.Helper()
@@ -790,6 +804,11 @@ func TestKitex_ClientCloseEndsSessions(t *testing.T) {
 	for {
 		st := srv.stats(t)
 		if st.Sessions == 0 && st.ServerConns == 0 && st.InUseBuffers == 0 {
+			// Every virtual connection had OnActive once before its reads
+			// and OnInactive once at its end.
+			if h := srv.hooks(t); h.Violations != 0 || h.Open != 0 || h.Conns == 0 || h.Reads < 40 {
+				t.Fatalf("server connection hooks: %+v", h)
+			}
 			break
 		}
 		if time.Now().After(deadline) {
