@@ -31,8 +31,12 @@
 // on either address. A session's dispatcher queues requests per virtual
 // connection; one goroutine per virtual connection calls OnActive once,
 // OnRead per request in order, and OnInactive once. Shutdown stops
-// accepting, tells each session's client to go away (no new calls), waits for
-// requests in flight up to the server's ExitWaitTime, then closes sessions.
+// accepting and tells each session's client to go away: the client takes no
+// new calls on that session (new calls fall back, and the session is
+// re-dialed in the background, which reaches a restarted server) and, once
+// every call it had on the session is back, acknowledges. The server closes
+// the sessions when all have acknowledged and nothing is queued or being
+// served, or when the server's ExitWaitTime runs out.
 //
 // # Buffers
 //
