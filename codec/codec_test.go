@@ -352,6 +352,7 @@ func BenchmarkWriteRead_1KiB(b *testing.B) {
 	snd, rcv := pair(b, smallConfig())
 	payload := pattern(1024, 1)
 	ctx := context.Background()
+	var m shm.Message
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -364,8 +365,8 @@ func BenchmarkWriteRead_1KiB(b *testing.B) {
 			b.Fatal(err)
 		}
 		w.Release(nil)
-		m, err := rcv.Recv(ctx)
-		if err != nil {
+		var err error
+		if m, err = rcv.Recv(ctx); err != nil { // m lives outside the loop, as in the transport's conns
 			b.Fatal(err)
 		}
 		r := NewReadBuffer(rcv, &m)

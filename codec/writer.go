@@ -254,27 +254,31 @@ func (w *WriteBuffer) Flush() error {
 }
 
 func (w *WriteBuffer) sendSegments() error {
-	var bufs [shm.MaxSegments]shm.Buffer
+	// Truncate and compact in place (w.segs lives in the pooled buffer, so
+	// passing it to Send allocates nothing).
 	k := 0
 	for i := 0; i < w.nseg; i++ {
 		if w.used[i] == 0 {
 			w.s.Free(w.segs[i])
 			continue
 		}
-		bufs[k] = w.segs[i].Truncate(w.used[i])
+		w.segs[k] = w.segs[i].Truncate(w.used[i])
+		w.used[k] = w.used[i]
 		k++
 	}
-	w.nseg = 0
-	if err := w.s.Send(w.ctx, w.id, w.aux, w.kind, bufs[:k]...); err != nil {
-		// On error the buffers stay ours: keep them so the caller's
+	for i := k; i < w.nseg; i++ {
+		w.segs[i], w.used[i] = shm.Buffer{}, 0
+	}
+	w.nseg = k
+	if err := w.s.Send(w.ctx, w.id, w.aux, w.kind, w.segs[:k]...); err != nil {
+		// On error the buffers stay ours, still in w.segs: the caller's
 		// fallback or Release frees them.
-		copy(w.segs[:], bufs[:k])
-		for i := 0; i < k; i++ {
-			w.used[i] = bufs[i].Len()
-		}
-		w.nseg = k
 		return err
 	}
+	for i := 0; i < k; i++ {
+		w.segs[i], w.used[i] = shm.Buffer{}, 0
+	}
+	w.nseg = 0
 	w.sent(false)
 	return nil
 }
