@@ -59,7 +59,7 @@ func WithRegionSize(bytes int) Option {
 }
 
 // WithMaxMessageSize sets the largest message carried in shared memory
-// (default 4 MiB). A larger message goes over the session socket.
+// (default 8 MiB: a 4 MiB payload with its headers). A larger message goes over the session socket.
 func WithMaxMessageSize(bytes int) Option {
 	return Option{"WithMaxMessageSize", func(c *transport.Config) { c.Shm.MaxMessageSize = bytes }}
 }

@@ -45,7 +45,7 @@ const (
 	MaxRingEntries     = 1 << 20
 	MinMaxMessageSize  = 4 << 10
 	defaultRegionSize  = 64 << 20
-	defaultMaxMessage  = 4 << 20
+	defaultMaxMessage  = 8 << 20 // a 4 MiB payload plus its Thrift and TTHeader bytes
 	defaultRingEntries = 4096
 )
 
