@@ -39,8 +39,8 @@ func countTicks(ns []int) plot.ConstantTicks {
 	return ts
 }
 
-// logTicks labels a log axis with readable numbers, and falls back to
-// 1-2-5 steps when the data spans less than a decade.
+// logTicks labels a log axis with readable numbers: powers of ten over
+// three decades or more, 1-2-5 steps (or every step) over fewer.
 type logTicks struct{}
 
 func (logTicks) Ticks(lo, hi float64) []plot.Tick {
@@ -54,7 +54,7 @@ func (logTicks) Ticks(lo, hi float64) []plot.Tick {
 			}
 		}
 	}
-	if labeled >= 2 {
+	if labeled >= 2 && hi/lo >= 1000 {
 		return ts
 	}
 	var out []plot.Tick
