@@ -63,7 +63,11 @@ type served struct {
 
 func startEchoServer(t *testing.T, cfg shm.Config) *echoServer {
 	t.Helper()
-	sock := filepath.Join(t.TempDir(), "s")
+	return startEchoServerAt(t, filepath.Join(t.TempDir(), "s"), cfg)
+}
+
+func startEchoServerAt(t *testing.T, sock string, cfg shm.Config) *echoServer {
+	t.Helper()
 	ln, err := shm.Listen(sock, cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -33,6 +34,8 @@ const (
 	RoleFrame   = "misbehave-frame"   // one call, then a garbage frame on the socket
 	RoleStall   = "misbehave-stall"   // EnvN stalled handshakes of each kind
 	RoleGarbage = "misbehave-garbage" // connections that send no preface
+	RoleProbe   = "misbehave-probe"   // tries to write, map writable, resize and unseal the server's region
+	RoleDial    = "misbehave-dial"    // an ordinary client (run as another user by the test)
 
 	EnvSock  = "KSHM_MB_SOCK"
 	EnvCases = "KSHM_MB_CASES" // comma-separated ForgeCases names
@@ -43,6 +46,9 @@ const (
 	// EnvKitex, when "1", says the server is a Kitex server, which answers
 	// no raw engine messages: the Peer roles then make no calls.
 	EnvKitex = "KSHM_MB_KITEX"
+	// EnvAllow is the uid the RoleDial client accepts as its server
+	// (default: only its own).
+	EnvAllow = "KSHM_MB_ALLOW"
 )
 
 // IsChildRole reports whether role is one of this package's child roles.
@@ -266,6 +272,35 @@ func RunChild(role string) int {
 			return fail("write: %v", err)
 		}
 		shmtest.Printf("closed %v", p.WaitClosed(wait))
+		return 0
+	case RoleProbe:
+		var pr Probe
+		f, err := Forge(ctx, sock, ForgeOptions{Probe: &pr})
+		if err != nil {
+			return fail("forge: %v", err)
+		}
+		f.Close()
+		var breaches []string
+		for name, err := range map[string]error{"map-writable": pr.MapWritable, "write": pr.Write, "grow": pr.Grow,
+			"shrink": pr.Shrink, "add-seal": pr.Unseal} {
+			if err == nil {
+				breaches = append(breaches, name)
+			}
+		}
+		sort.Strings(breaches)
+		shmtest.Printf("probe breaches=%q map-writable=%v write=%v grow=%v shrink=%v add-seal=%v seals=%#x",
+			breaches, pr.MapWritable, pr.Write, pr.Grow, pr.Shrink, pr.Unseal, pr.Seals)
+		return 0
+	case RoleDial:
+		cfg := PeerConfig()
+		if v, err := strconv.ParseUint(os.Getenv(EnvAllow), 10, 32); err == nil {
+			cfg.AllowedUIDs = []uint32{uint32(v)}
+		}
+		p, err := Dial(ctx, sock, cfg)
+		if err == nil {
+			p.Close()
+		}
+		shmtest.Printf("dial not-allowed=%v: %v", errors.Is(err, shm.ErrPeerNotAllowed), err)
 		return 0
 	case RoleStall:
 		kinds := []StallKind{StallSilent, StallPreface, StallHalfHello, StallBeforeReady}

@@ -71,6 +71,43 @@ type ForgeOptions struct {
 	CorruptHeader func(hdr []byte)
 	// HandshakeTimeout bounds the handshake; default 5 s.
 	HandshakeTimeout time.Duration
+	// Probe, if set, is filled with what the forger could do to the
+	// server's region through the descriptor it received.
+	Probe *Probe
+}
+
+// Probe records attempts on the server's region through its memfd: each
+// error is nil if the attempt succeeded (a breach).
+type Probe struct {
+	MapWritable, Write, Grow, Shrink, Unseal error
+	Seals                                    int
+}
+
+func probe(fd int, p *Probe) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		p.MapWritable, p.Write, p.Grow, p.Shrink, p.Unseal = err, err, err, err, err
+		return
+	}
+	if m, err := unix.Mmap(fd, 0, int(st.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err == nil {
+		unix.Munmap(m)
+	} else {
+		p.MapWritable = err
+	}
+	if _, err := unix.Pwrite(fd, []byte{0xee}, 0); err != nil {
+		p.Write = err
+	}
+	if err := unix.Ftruncate(fd, st.Size*2); err != nil {
+		p.Grow = err
+	}
+	if err := unix.Ftruncate(fd, st.Size/2); err != nil {
+		p.Shrink = err
+	}
+	// Adding a seal is all fcntl allows; once F_SEAL_SEAL is set even that fails.
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_WRITE); err != nil {
+		p.Unseal = err
+	}
+	p.Seals, _ = unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
 }
 
 func (o *ForgeOptions) defaults() {
@@ -218,6 +255,9 @@ func forge(conn *net.UnixConn, o ForgeOptions) (*Forger, error) {
 		}
 	}
 	if srvFD >= 0 {
+		if o.Probe != nil {
+			probe(srvFD, o.Probe)
+		}
 		// We never read the server's region: a forger only writes.
 		unix.Close(srvFD)
 	}
