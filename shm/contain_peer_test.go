@@ -161,6 +161,12 @@ func TestContain_UnreleasedBuffers(t *testing.T) {
 			if len(log.Lines(fmt.Sprintf("probable leak: peer pid %d", pid))) == 0 {
 				t.Error("no probable leak logged for the peer that holds buffers")
 			}
+			// Each held buffer is logged once, however many scans pass
+			// (one every second of a quiet socket): wait for two more.
+			time.Sleep(2500 * time.Millisecond)
+			if n := len(log.Lines(fmt.Sprintf("probable leak: peer pid %d", pid))); n != held {
+				t.Errorf("%d probable leaks logged for %d held buffers, want each logged once", n, held)
+			}
 			good.check(t)
 			t.Logf("peer holds %d, %d replies to it inline; good client: %d calls, all in shared memory",
 				held, inline, good.calls.Load())
