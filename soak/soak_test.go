@@ -37,6 +37,8 @@ func TestSoak_Short(t *testing.T) {
 	}
 	cfg.Clients, cfg.Goroutines = 3, 8
 	cfg.ClientKillEvery, cfg.ServerKillEvery = 2*time.Second, 8*time.Second
+	// Generous: under make test other packages run beside this one.
+	cfg.CallTimeout = 10 * time.Second
 	cfg.Seed = time.Now().UnixNano()
 	cfg.Dir = t.TempDir()
 	cfg.Command = func() *exec.Cmd { return exec.Command(os.Args[0], "-test.run=^$") }
