@@ -1,6 +1,7 @@
 package shm
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"math"
@@ -233,5 +234,23 @@ func TestConfig_ValidateNamesSetting(t *testing.T) {
 	c := DefaultConfig()
 	if err := c.Validate(); err != nil {
 		t.Fatalf("default config invalid: %v", err)
+	}
+}
+
+func TestCorrupt_WakeFloodClosesSession(t *testing.T) {
+	cli, srv := pair(t, testConfig(), testConfig())
+	var f [frameHeaderSize]byte
+	putFrameHeader(f[:], frameWake, 0)
+	flood := bytes.Repeat(f[:], wakeSlack+100)
+	cli.wmu.Lock()
+	cli.conn.Write(flood)
+	cli.wmu.Unlock()
+	select {
+	case <-srv.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("a wake-up flood did not close the session")
+	}
+	if !errors.Is(srv.Err(), ErrCorrupt) {
+		t.Fatalf("Err = %v, want ErrCorrupt", srv.Err())
 	}
 }

@@ -92,6 +92,8 @@ func ClientSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		peer.unmap()
 		return nil, err
 	}
+	// The deadline bounds the peer, not our own page reservation.
+	conn.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	mine.Version = srv.Version
 	if _, _, err := conn.WriteMsgUnix(mine.encode(), unix.UnixRights(local.fd), nil); err != nil {
 		peer.unmap()
@@ -158,6 +160,8 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		conn.Write(refuse.encode())
 		return nil, err
 	}
+	// The deadline bounds the peer, not our own page reservation.
+	conn.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	mine := hello{
 		MinVersion: protoMinVersion, MaxVersion: protoMaxVersion, Version: v, WakeMode: cli.WakeMode,
 		RegionSize: uint64(cfg.RegionSize), RingEntries: uint32(cfg.RingEntries),

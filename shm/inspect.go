@@ -18,6 +18,10 @@ type RegionInfo struct {
 	Role         string // "client" or "server"
 	Size         uint64
 	ArenaSize    uint64
+	RingOff      uint64 // offsets of the parts in the region
+	RelOff       uint64
+	SlotOff      uint64
+	ArenaOff     uint64
 	MaxMessage   uint64
 	RingEntries  int
 	RelEntries   int
@@ -69,6 +73,7 @@ func InspectRegion(mem []byte) (RegionInfo, error) {
 	c := &h.Counters
 	info := RegionInfo{
 		PID: int(h.PID), PeerPID: int(h.PeerPID), Size: h.Size, ArenaSize: g.arenaSize, MaxMessage: h.MaxMessage,
+		RingOff: g.ringOff, RelOff: g.relOff, SlotOff: g.slotOff, ArenaOff: g.arenaOff,
 		RingEntries: int(g.ringEntries), RelEntries: int(g.relEntries), Slots: int(g.slotCount),
 		Created:      time.Unix(0, h.CreatedUnix),
 		Heartbeat:    time.Unix(0, atomic.LoadInt64(&h.Heartbeat)),

@@ -42,6 +42,9 @@ type Session struct {
 	lh, ph  *regionHeader
 	peerPID int32
 	peerUID uint32
+	// peerMaxMsg is the peer's maximum message, read once from its header
+	// (validated at mapping): the peer cannot change it afterwards.
+	peerMaxMsg uint64
 
 	// allocMu guards the buddy allocator, the free slot stack, the consumer
 	// index of the peer's release ring, leakLogged and dead.
@@ -87,7 +90,7 @@ type Session struct {
 func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region, peerPID int32, peerUID uint32) *Session {
 	s := &Session{
 		cfg: cfg, conn: conn, role: role, local: local, peer: peer,
-		lh: local.hdr, ph: peer.hdr, peerPID: peerPID, peerUID: peerUID,
+		lh: local.hdr, ph: peer.hdr, peerPID: peerPID, peerUID: peerUID, peerMaxMsg: peer.hdr.MaxMessage,
 		buddy:     newBuddy(local.geo.arenaSize),
 		recvWake:  make(chan struct{}, 1),
 		inlineQ:   make(chan Message, inlineQueueLen),
@@ -660,8 +663,11 @@ func (s *Session) tryRecv(m *Message) (bool, error) {
 		if uint64(d.Slot) >= pg.slotCount {
 			return false, s.corrupt("descriptor %d names slot %d of %d", head+n, d.Slot, pg.slotCount)
 		}
+		if uint64(d.Len) > s.peerMaxMsg {
+			return false, s.corrupt("descriptor %d: segment of %d bytes, larger than the peer's maximum message (%d)", head+n, d.Len, s.peerMaxMsg)
+		}
 		seg, ok := span(s.peer.arena, d.Off, uint64(d.Len))
-		if !ok || uint64(d.Len) > s.ph.MaxMessage {
+		if !ok {
 			return false, s.corrupt("descriptor %d: segment %d+%d outside the peer's arena of %d bytes", head+n, d.Off, d.Len, pg.arenaSize)
 		}
 		m.segs[n] = seg
@@ -840,14 +846,26 @@ func (s *Session) reader() {
 	defer close(s.readerEnd)
 	var hdr [frameHeaderSize]byte
 	passes := 0
+	next := time.Now().Add(housekeepEvery)
+	var wakes uint32
 	for {
-		s.conn.SetReadDeadline(time.Now().Add(housekeepEvery))
-		_, err := readFull(s.conn, hdr[:])
+		// Housekeeping runs every housekeepEvery, busy socket or not.
+		if now := time.Now(); !now.Before(next) && !s.closed.Load() {
+			passes++
+			s.housekeep(passes%leakScanEvery == 0)
+			next = now.Add(housekeepEvery)
+		}
+		s.conn.SetReadDeadline(next)
+		got, err := readFull(s.conn, hdr[:])
+		for err != nil && got > 0 && got < frameHeaderSize && isTimeout(err) {
+			// Never lose a frame's alignment to a deadline.
+			s.conn.SetReadDeadline(time.Now().Add(time.Second))
+			var k int
+			k, err = readFull(s.conn, hdr[got:])
+			got += k
+		}
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() && !s.closed.Load() {
-				passes++
-				s.housekeep(passes%leakScanEvery == 0)
+			if isTimeout(err) && got == 0 && !s.closed.Load() {
 				continue
 			}
 			s.closeWith(fmt.Errorf("%w: %v", ErrPeerClosed, err), false)
@@ -861,6 +879,12 @@ func (s *Session) reader() {
 		}
 		switch fh.Type {
 		case frameWake:
+			// An honest peer wakes each of our sleeps at most once.
+			wakes++
+			if sleeps := uint32(atomic.LoadUint64(&s.lh.State) >> 32); int32(wakes-sleeps) > wakeSlack {
+				s.fail(fmt.Errorf("%w: wake-up flood: %d wake-ups for %d sleeps", ErrCorrupt, wakes, sleeps))
+				return
+			}
 			select {
 			case s.recvWake <- struct{}{}:
 			default:
@@ -901,6 +925,15 @@ func (s *Session) reader() {
 			return
 		}
 	}
+}
+
+// wakeSlack is how many wake-ups beyond our sleeps a peer may send before
+// the session is closed as a flood.
+const wakeSlack = 1024
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 func readFull(c net.Conn, b []byte) (int, error) {
