@@ -222,8 +222,12 @@ func (ts *TransServer) handleConn(conn *net.UnixConn) {
 	stopping := ts.shuttingDown.Load()
 	ts.mu.Unlock()
 	if err != nil || stopping {
-		if err != nil && n > 0 {
+		var ne net.Error
+		switch {
+		case err != nil && n > 0:
 			klog.Warnf("kshm: connection on %s sent %d bytes, then: %v", ts.path, n, err)
+		case errors.As(err, &ne) && ne.Timeout():
+			klog.Warnf("kshm: connection on %s sent nothing within %v; closed", ts.path, ts.cfg.Shm.HandshakeTimeout)
 		}
 		conn.Close()
 		return
