@@ -3,7 +3,7 @@
 
 GO ?= go
 
-.PHONY: all build test example bench bench-quick gen fuzz vet clean
+.PHONY: all build test example bench bench-quick gen fuzz vet soak clean
 
 all: build
 
@@ -16,10 +16,12 @@ build:
 test: vet
 	$(GO) test -race -count=1 -timeout 30m ./...
 	cd benchmark && $(GO) test -race -count=1 -timeout 10m ./...
+	cd prometheus && $(GO) test -race -count=1 -timeout 5m ./...
 
 vet:
 	$(GO) vet ./...
 	cd benchmark && $(GO) vet ./...
+	cd prometheus && $(GO) vet ./...
 
 # An echo service over shared memory: starts the server, runs the client at
 # several payload sizes, prints what it did, stops the server.
@@ -32,6 +34,12 @@ bench-quick:
 
 bench:
 	cd benchmark && $(GO) run ./cmd/bench -mode full
+
+# Chaos soak: client and server processes killed and restarted at random,
+# every response verified, no buffer or descriptor leaked (SOAK=duration).
+SOAK ?= 10m
+soak:
+	$(GO) run ./soak -duration $(SOAK)
 
 # Regenerates example/kitex_gen from example/idl (needs only the Go proxy).
 gen:
