@@ -166,6 +166,11 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 		return Buffer{}, s.closedErr()
 	}
 	s.allocMu.Lock()
+	if s.dead {
+		s.allocMu.Unlock()
+		s.releaseRef()
+		return Buffer{}, s.closedErr()
+	}
 	if err := s.reclaimLocked(); err != nil {
 		s.allocMu.Unlock()
 		s.releaseRef()
@@ -194,13 +199,15 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 	m.Off, m.Size, m.Len, m.Gen, m.ID, m.Aux = off, uint32(size), uint32(n), gen, 0, 0
 	atomic.StoreInt64(&m.Time, time.Now().UnixNano())
 	atomic.StoreUint32(&m.State, slotLocal)
-	s.allocMu.Unlock()
-
+	// Counted under the lock, so that close (which settles the counters
+	// after marking the session dead under it) never misses one.
 	s.inUseBufs.Add(1)
 	s.inUseBytes.Add(int64(size))
 	global.allocs.Add(1)
 	global.inUseBuffers.Add(1)
 	global.inUseBytes.Add(int64(size))
+	s.allocMu.Unlock()
+
 	c := &s.lh.Counters
 	atomic.AddUint64(&c.Allocs, 1)
 	atomic.AddUint64(&c.InUseBuffers, 1)
@@ -761,6 +768,7 @@ func (s *Session) Stats() SessionStats {
 		HeldFromPeer: s.held.Load(),
 	}
 	if !s.acquire() {
+		st.PeerHeld = 0 // the peer's hold ended with the session
 		return st
 	}
 	defer s.releaseRef()
@@ -809,6 +817,19 @@ func (s *Session) closeWith(reason error, tellPeer bool) {
 		}
 		s.closed.Store(true)
 		atomic.StoreUint32(&s.lh.Closing, 1)
+		// Every buffer of ours returns with the region: settle the counters
+		// before anyone sees Done, so that what they read is final.
+		s.allocMu.Lock()
+		s.dead = true
+		s.allocMu.Unlock()
+		if n := s.held.Load(); n > 0 {
+			klog.Warnf("kshm: session with pid %d closed while this process still holds %d of its buffers unreleased; "+
+				"both regions stay mapped until every received message is released", s.peerPID, n)
+		}
+		global.sessions.Add(-1)
+		global.inUseBuffers.Add(-s.inUseBufs.Swap(0))
+		global.inUseBytes.Add(-s.inUseBytes.Swap(0))
+		s.peerHeld.Store(0)
 		close(s.done)
 		if tellPeer {
 			msg := reason.Error()
@@ -824,18 +845,6 @@ func (s *Session) closeWith(reason error, tellPeer bool) {
 			s.wmu.Unlock()
 		}
 		s.conn.Close()
-		// Every buffer of ours returns with the region: settle the counters.
-		s.allocMu.Lock()
-		s.dead = true
-		s.allocMu.Unlock()
-		if n := s.held.Load(); n > 0 {
-			klog.Warnf("kshm: session with pid %d closed while this process still holds %d of its buffers unreleased; "+
-				"both regions stay mapped until every received message is released", s.peerPID, n)
-		}
-		global.sessions.Add(-1)
-		global.inUseBuffers.Add(-s.inUseBufs.Swap(0))
-		global.inUseBytes.Add(-s.inUseBytes.Swap(0))
-		s.peerHeld.Store(0)
 		s.releaseRef()
 	})
 }
