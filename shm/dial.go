@@ -50,7 +50,7 @@ func ClientSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	mine := hello{
 		MinVersion: protoMinVersion, MaxVersion: protoMaxVersion, WakeMode: uint8(cfg.WakeMode),
 		RegionSize: uint64(cfg.RegionSize), RingEntries: uint32(cfg.RingEntries),
-		SlotCount: uint32(cfg.maxBuffers()), MaxMessage: uint64(cfg.MaxMessageSize), PID: uint32(localPID),
+		SlotCount: uint32(cfg.maxBuffers()), MaxMessage: uint64(cfg.MaxMessageSize), PID: uint32(os.Getpid()),
 	}
 	if _, err := conn.Write(append(preface[:], mine.encode()...)); err != nil {
 		return nil, fmt.Errorf("%w: send hello: %v", ErrHandshake, err)
@@ -165,7 +165,7 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	mine := hello{
 		MinVersion: protoMinVersion, MaxVersion: protoMaxVersion, Version: v, WakeMode: cli.WakeMode,
 		RegionSize: uint64(cfg.RegionSize), RingEntries: uint32(cfg.RingEntries),
-		SlotCount: uint32(cfg.maxBuffers()), MaxMessage: uint64(cfg.MaxMessageSize), PID: uint32(localPID),
+		SlotCount: uint32(cfg.maxBuffers()), MaxMessage: uint64(cfg.MaxMessageSize), PID: uint32(os.Getpid()),
 	}
 	if _, _, err := conn.WriteMsgUnix(mine.encode(), unix.UnixRights(local.fd), nil); err != nil {
 		local.unmap()

@@ -81,7 +81,7 @@ func FuzzValidateHeader(f *testing.F) {
 			return
 		}
 		h := (*regionHeader)(unsafe.Pointer(&b[0]))
-		g, err := validateHeader(h, mapped, 0)
+		g, err := validateHeader(h, mapped)
 		if err != nil {
 			return
 		}

@@ -65,7 +65,7 @@ func InspectRegion(mem []byte) (RegionInfo, error) {
 		return RegionInfo{}, fmt.Errorf("%w: %d bytes, smaller than a region header", ErrCorrupt, len(mem))
 	}
 	h := at[regionHeader](mem, 0)
-	g, err := validateHeader(h, uint64(len(mem)), 0)
+	g, err := validateHeader(h, uint64(len(mem)))
 	if err != nil {
 		return RegionInfo{}, err
 	}
@@ -98,9 +98,6 @@ func InspectRegion(mem []byte) (RegionInfo, error) {
 		info.Role = "server"
 	default:
 		info.Role = fmt.Sprintf("role %d", h.Role)
-	}
-	if h.PeerPID == 0 {
-		info.PeerPID = 0
 	}
 	slots := sliceAt[slotMeta](mem, g.slotOff, g.slotCount)
 	arena, _ := span(mem, g.arenaOff, g.arenaSize)

@@ -178,7 +178,7 @@ func arenaCapacity(regionSize, ringEntries, maxBuffers int) int {
 
 // validateHeader checks a peer's region header against the mapping size and
 // our limits. Each failure is its own error wrapping ErrCorrupt.
-func validateHeader(h *regionHeader, mapped uint64, maxMessage uint64) (geometry, error) {
+func validateHeader(h *regionHeader, mapped uint64) (geometry, error) {
 	bad := func(format string, a ...any) (geometry, error) {
 		return geometry{}, fmt.Errorf("%w: region header: "+format, append([]any{ErrCorrupt}, a...)...)
 	}
@@ -218,6 +218,5 @@ func validateHeader(h *regionHeader, mapped uint64, maxMessage uint64) (geometry
 	if h.MaxMessage == 0 || h.MaxMessage > g.arenaSize {
 		return bad("max message %d for an arena of %d", h.MaxMessage, g.arenaSize)
 	}
-	_ = maxMessage
 	return g, nil
 }

@@ -106,7 +106,7 @@ func mapPeerRegion(fd int, maxRegion uint64) (*region, error) {
 	}
 	r := &region{mem: mem, fd: -1}
 	r.hdr = at[regionHeader](mem, 0)
-	g, err := validateHeader(r.hdr, size, 0)
+	g, err := validateHeader(r.hdr, size)
 	if err != nil {
 		unix.Munmap(mem)
 		return nil, err

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -729,12 +728,12 @@ func (s *Session) Release(m *Message) {
 	}
 	entries := s.local.geo.relEntries
 	s.relMu.Lock()
+	if s.relTail+uint64(n)-atomic.LoadUint64(&s.ph.PeerRelHead) > entries {
+		s.relMu.Unlock()
+		s.fail(fmt.Errorf("%w: peer holds back more released buffers than its quota (%d)", ErrCorrupt, entries))
+		return
+	}
 	for i := range n {
-		if s.relTail-atomic.LoadUint64(&s.ph.PeerRelHead) >= entries {
-			s.relMu.Unlock()
-			s.fail(fmt.Errorf("%w: peer holds back more released buffers than its quota (%d)", ErrCorrupt, entries))
-			return
-		}
 		atomic.StoreUint64(&s.local.rel[s.relTail&(entries-1)], m.tokens[i])
 		s.relTail++
 	}
@@ -850,7 +849,7 @@ func (s *Session) closeWith(reason error, tellPeer bool) {
 }
 
 // reader owns the socket after the handshake: wake-ups, inline messages,
-// close, and a housekeeping pass whenever the socket is quiet.
+// close, and a housekeeping pass every housekeepEvery, busy socket or quiet.
 func (s *Session) reader() {
 	defer close(s.readerEnd)
 	var hdr [frameHeaderSize]byte
@@ -984,6 +983,3 @@ func (s *Session) housekeep(scan bool) {
 		}
 	}
 }
-
-// localPID is cached for headers and logs.
-var localPID = os.Getpid()
