@@ -35,6 +35,17 @@ func (m WakeMode) String() string {
 	return fmt.Sprintf("WakeMode(%d)", uint8(m))
 }
 
+// ParseWakeMode returns the mode named by s ("notify", "poll" or "timed"),
+// as WakeMode.String prints it.
+func ParseWakeMode(s string) (WakeMode, error) {
+	for _, m := range []WakeMode{WakeNotify, WakePoll, WakeTimed} {
+		if m.String() == s {
+			return m, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: wake mode %q: want notify, poll or timed", ErrBadConfig, s)
+}
+
 // Limits of the configuration.
 const (
 	MinRegionSize      = 1 << 20 // 1 MiB

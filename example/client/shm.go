@@ -1,41 +1,21 @@
 package main
 
 import (
-	"fmt"
 	"time"
 
 	"github.com/cloudwego/kitex/client"
 
 	"github.com/shmkit/kshm"
-	"github.com/shmkit/kshm/shm"
+	"github.com/shmkit/kshm/example/internal/shmflags"
 )
 
 // shmClientOption turns the command-line settings into kshm's client option.
 func shmClientOption(socketPath string, regionSize, maxMessage int, wake string) (client.Option, error) {
-	opts := []kshm.Option{kshm.WithSocketPath(socketPath)}
-	if regionSize > 0 {
-		opts = append(opts, kshm.WithRegionSize(regionSize))
-	}
-	if maxMessage > 0 {
-		opts = append(opts, kshm.WithMaxMessageSize(maxMessage))
-	}
-	if wake != "" {
-		m, err := parseWakeMode(wake)
-		if err != nil {
-			return client.Option{}, err
-		}
-		opts = append(opts, kshm.WithWakeMode(m))
+	opts, err := shmflags.Options(socketPath, regionSize, maxMessage, wake)
+	if err != nil {
+		return client.Option{}, err
 	}
 	return kshm.WithClientShmIPC(opts...), nil
-}
-
-func parseWakeMode(s string) (shm.WakeMode, error) {
-	for _, m := range []shm.WakeMode{shm.WakeNotify, shm.WakePoll, shm.WakeTimed} {
-		if m.String() == s {
-			return m, nil
-		}
-	}
-	return 0, fmt.Errorf("bad -wake %q: want notify, poll or timed", s)
 }
 
 // shmCounters are the process-wide kshm counters the table reports.
