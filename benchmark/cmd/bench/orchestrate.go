@@ -114,6 +114,16 @@ type roundResult struct {
 	serverRSS, serverShmem    float64 // KiB
 	clientRSS, clientShmem    float64 // KiB per client process
 	fallbacks                 uint64  // calls that did not go through shared memory
+	// Per call, both processes together unless named: context switches
+	// (voluntary+involuntary), involuntary ones alone, minor page faults,
+	// CPU migrations of threads, µs threads waited runnable for a CPU.
+	csw, clientCSW, serverCSW, ivcsw   float64
+	minflt, clientMinflt, serverMinflt float64
+	migrations, runqWait               float64
+	gcs                                float64 // GC cycles in the window, both processes
+	// Go scheduler latency (/sched/latencies:seconds) in the window, µs:
+	// the client's (the worst client process) and the server's.
+	clientSchedP50, clientSchedP99, serverSchedP50, serverSchedP99 float64
 }
 
 type orchestrator struct {
@@ -260,8 +270,9 @@ func orchestrate(o options) error {
 				if r.fallbacks > 0 {
 					fb = fmt.Sprintf(" FALLBACKS %d/%d", r.fallbacks, r.calls)
 				}
-				fmt.Fprintf(os.Stderr, "%s p50 %s p99 %s %s/s cpu %.1fµs/call allocs %.1f%s%s%s\n",
-					or.prefix(round, d, c), fmtUs(r.p50), fmtUs(r.p99), fmtCount(r.qps), r.cpu, r.allocs, fb, took, or.eta())
+				fmt.Fprintf(os.Stderr, "%s p50 %s p99 %s %s/s cpu %.1fµs csw %.2f flt %.2f mig %.2f gc %.0f /call allocs %.1f%s%s%s\n",
+					or.prefix(round, d, c), fmtUs(r.p50), fmtUs(r.p99), fmtCount(r.qps), r.cpu, r.csw, r.minflt, r.migrations,
+					r.gcs, r.allocs, fb, took, or.eta())
 			}
 		}
 		meta.LoadEnd = loadAvg()
@@ -360,11 +371,8 @@ func (or *orchestrator) address(d transportDef) (string, error) {
 }
 
 type serverSample struct {
-	at         time.Time
-	cpu        int64
-	mallocs    uint64
-	errors     int
-	rss, shmem int64
+	at time.Time
+	procSample
 }
 
 func queryServer(s *child) (serverSample, error) {
@@ -378,7 +386,11 @@ func queryServer(s *child) (serverSample, error) {
 	}
 	t1 := time.Now()
 	var v serverSample
-	if _, err := fmt.Sscanf(line, "u %d %d %d %d %d", &v.cpu, &v.mallocs, &v.errors, &v.rss, &v.shmem); err != nil {
+	js, ok := strings.CutPrefix(line, "u ")
+	if !ok {
+		return v, fmt.Errorf("server said %q, want a sample", line)
+	}
+	if err := json.Unmarshal([]byte(js), &v.procSample); err != nil {
 		return v, fmt.Errorf("server said %q: %v", line, err)
 	}
 	v.at = t0.Add(t1.Sub(t0) / 2)
@@ -464,8 +476,8 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		}
 	}
 	var h hist
-	var window, clientCPU int64
-	var clientMallocs, fallbacks uint64
+	var window int64
+	var cd procDelta // the client processes together
 	var clientRSS, clientShmem float64
 	for _, cl := range clients {
 		line, err := cl.recv(30 * time.Second)
@@ -490,9 +502,19 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 			h.max = uint64(r.MaxNs)
 		}
 		window = max(window, r.WindowNs)
-		clientCPU += r.CPUNs
-		clientMallocs += r.Mallocs
-		fallbacks += r.Fallbacks
+		p := r.Proc
+		cd.CPUNs += p.CPUNs
+		cd.Mallocs += p.Mallocs
+		cd.Fallbacks += p.Fallbacks
+		cd.VCSW += p.VCSW
+		cd.IVCSW += p.IVCSW
+		cd.MinFlt += p.MinFlt
+		cd.MajFlt += p.MajFlt
+		cd.Migrations += p.Migrations
+		cd.RunqWaitNs += p.RunqWaitNs
+		cd.GCs += p.GCs
+		cd.SchedP50Ns = max(cd.SchedP50Ns, p.SchedP50Ns)
+		cd.SchedP99Ns = max(cd.SchedP99Ns, p.SchedP99Ns)
 		clientRSS += float64(r.RSSKiB) / float64(c.clients)
 		clientShmem += float64(r.ShmemKiB) / float64(c.clients)
 	}
@@ -511,8 +533,8 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		return res, err
 	}
 	phase("server exited")
-	if s1.errors > 0 {
-		return res, fmt.Errorf("server reported %d errors; its output ends:\n%s", s1.errors, indent(srv.logs.String()))
+	if s1.Errors > 0 {
+		return res, fmt.Errorf("server reported %d errors; its output ends:\n%s", s1.Errors, indent(srv.logs.String()))
 	}
 	if h.n == 0 || window <= 0 {
 		return res, fmt.Errorf("no call completed in the window")
@@ -525,21 +547,37 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		scale = 1
 	}
 	calls := float64(h.n)
-	serverCPU := float64(s1.cpu-s0.cpu) * scale
+	sd := s1.sub(s0.procSample)
+	perCall := func(v int64) float64 { return float64(v) / calls }
+	// The server's counts, scaled to the clients' window.
+	srvPerCall := func(v int64) float64 { return float64(v) * scale / calls }
 	res = roundResult{
 		calls: h.n,
 		p50:   h.quantile(0.5) / 1e3, p99: h.quantile(0.99) / 1e3, p999: h.quantile(0.999) / 1e3, max: float64(h.max) / 1e3,
 		qps:          calls / (float64(window) / 1e9),
-		clientCPU:    float64(clientCPU) / calls / 1e3,
-		serverCPU:    serverCPU / calls / 1e3,
-		allocs:       float64(clientMallocs) / calls,
-		serverAllocs: float64(s1.mallocs-s0.mallocs) * scale / calls,
-		serverRSS:    float64(s1.rss),
-		serverShmem:  float64(s1.shmem),
+		clientCPU:    perCall(cd.CPUNs) / 1e3,
+		serverCPU:    srvPerCall(sd.CPUNs) / 1e3,
+		allocs:       float64(cd.Mallocs) / calls,
+		serverAllocs: float64(sd.Mallocs) * scale / calls,
+		serverRSS:    float64(s1.RSSKiB),
+		serverShmem:  float64(s1.ShmemKiB),
 		clientRSS:    clientRSS,
 		clientShmem:  clientShmem,
-		fallbacks:    fallbacks,
+		fallbacks:    cd.Fallbacks + sd.Fallbacks,
+		clientCSW:    perCall(cd.VCSW + cd.IVCSW),
+		serverCSW:    srvPerCall(sd.VCSW + sd.IVCSW),
+		ivcsw:        perCall(cd.IVCSW) + srvPerCall(sd.IVCSW),
+		clientMinflt: perCall(cd.MinFlt),
+		serverMinflt: srvPerCall(sd.MinFlt),
+		migrations:   perCall(cd.Migrations) + srvPerCall(sd.Migrations),
+		runqWait:     (perCall(cd.RunqWaitNs) + srvPerCall(sd.RunqWaitNs)) / 1e3,
+		gcs:          float64(cd.GCs + sd.GCs),
+
+		clientSchedP50: cd.SchedP50Ns / 1e3, clientSchedP99: cd.SchedP99Ns / 1e3,
+		serverSchedP50: sd.SchedP50Ns / 1e3, serverSchedP99: sd.SchedP99Ns / 1e3,
 	}
+	res.csw = res.clientCSW + res.serverCSW
+	res.minflt = res.clientMinflt + res.serverMinflt
 	res.cpu = res.clientCPU + res.serverCPU
 	return res, nil
 }
