@@ -42,6 +42,7 @@ type options struct {
 	out        string
 	reportDir  string
 	scale      []int
+	summary    bool
 }
 
 func main() {
@@ -63,6 +64,7 @@ func main() {
 	flag.StringVar(&layers, "layers", "engine,kitex", "layers to run: engine, kitex")
 	flag.StringVar(&transports, "transports", "", "comma-separated transport names to run (default all available)")
 	flag.StringVar(&scale, "scale", "", "comma-separated client-process counts for the scale case (default by mode; 0 disables)")
+	flag.BoolVar(&o.summary, "summary", false, "print the per-round summary and ratios at the end (always in -mode quick)")
 	flag.StringVar(&o.out, "out", "", "output file (default results/<mode>.json)")
 	flag.StringVar(&o.reportDir, "report", "-", "directory for REPORT.md and its charts (default results for -mode full, none otherwise; empty for none)")
 	flag.Parse()
@@ -85,6 +87,8 @@ func main() {
 		err = runServer(o)
 	case "client":
 		err = runClient(o)
+	case "echo":
+		err = runEcho()
 	case "":
 		err = orchestrate(o)
 	default:

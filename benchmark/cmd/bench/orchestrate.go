@@ -236,6 +236,9 @@ func orchestrate(o options) error {
 	meta := machineInfo()
 	fmt.Fprintf(os.Stderr, "bench: mode %s, %d rounds x %d measurements, %v warm-up + %v each; %s, %d cpus, go %s, load %s\n",
 		o.mode, set.rounds, or.total/set.rounds, set.warmup, set.duration, meta.CPU, meta.Cores, meta.Go, meta.LoadAvg)
+	cal := calibrate(self)
+	meta.Calibration = &cal
+	fmt.Fprintf(os.Stderr, "bench: calibration: %s\n", cal)
 
 	type key struct {
 		id string
@@ -285,6 +288,23 @@ func orchestrate(o options) error {
 			return err
 		}
 	}
+	// The machine again at the end: a calibration that moved says the
+	// machine changed under the run.
+	calEnd := calibrate(self)
+	meta.CalibrationEnd = &calEnd
+	meta.LoadEnd = loadAvg()
+	fmt.Fprintf(os.Stderr, "bench: calibration at the end: %s; load %s\n", calEnd, meta.LoadEnd)
+	recs := make([]record, 0, len(order))
+	for _, k := range order {
+		d, _ := findTransport(k.id)
+		recs = append(recs, aggregate(d, k.c, results[k], failures[k], meta))
+	}
+	if err := writeJSON(out, recs); err != nil {
+		return err
+	}
+	if o.mode == "quick" || o.summary {
+		printSummary(os.Stderr, recs)
+	}
 	fmt.Fprintf(os.Stderr, "bench: wrote %s (%d records) in %v\n", out, len(order), time.Since(or.started).Round(time.Second))
 	repDir := o.reportDir
 	if repDir == "-" {
@@ -296,9 +316,9 @@ func orchestrate(o options) error {
 	if repDir == "" {
 		return nil
 	}
-	recs, err := report.Load(out)
+	lrecs, err := report.Load(out)
 	if err == nil {
-		err = report.Write(repDir, recs, report.Options{Source: "benchmark/" + filepath.ToSlash(out), Command: reproduce(o)})
+		err = report.Write(repDir, lrecs, report.Options{Source: "benchmark/" + filepath.ToSlash(out), Command: reproduce(o)})
 	}
 	if err != nil {
 		return fmt.Errorf("report: %w", err)

@@ -97,8 +97,12 @@ type machine struct {
 	// anything else running on the machine skews the numbers.
 	LoadAvg string `json:"loadavg"`
 	LoadEnd string `json:"loadavg_end,omitempty"`
-	Date    string `json:"-"`
-	Commit  string `json:"-"`
+	// Calibration is what the machine's basic operations cost at the start
+	// of the run, and CalibrationEnd at its end.
+	Calibration    *calibration `json:"calibration,omitempty"`
+	CalibrationEnd *calibration `json:"calibration_end,omitempty"`
+	Date           string       `json:"-"`
+	Commit         string       `json:"-"`
 }
 
 func machineInfo() machine {
