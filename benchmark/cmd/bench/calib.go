@@ -30,6 +30,10 @@ type calibration struct {
 	// FutexRoundTripUS: the same between two threads with FUTEX_WAIT and
 	// FUTEX_WAKE directly.
 	FutexRoundTripUS float64 `json:"futex_rtt_us"`
+	// The same two, with the threads left wherever the kernel puts them:
+	// on a loaded machine a thread pinned to one CPU waits for that CPU.
+	ChanWakeUnpinnedUS float64 `json:"chan_wake_unpinned_rtt_us"`
+	FutexUnpinnedUS    float64 `json:"futex_unpinned_rtt_us"`
 	// CacheLineRoundTripNs: two threads spinning on one atomic word (one
 	// cache line), pinned to distinct CPUs: the floor of any spinning
 	// hand-off between cores (mean of the round trips).
@@ -57,15 +61,17 @@ func calibrate(self string) calibration {
 	var c calibration
 	fail := func(what string, err error) { c.Errors = append(c.Errors, what+": "+err.Error()) }
 	var err error
-	if c.UDSRoundTripUS, err = udsRoundTrip(self, 20000); err != nil {
+	if c.UDSRoundTripUS, err = udsRoundTrip(self, 5000); err != nil {
 		fail("uds", err)
 	}
 	cpus, pinned := twoCPUs()
 	c.CPUs, c.Pinned = cpus, pinned
-	c.ChanWakeRoundTripUS = threadPair(cpus, pinned, 20000, chanPingPong) / 1e3
-	c.FutexRoundTripUS = threadPair(cpus, pinned, 20000, futexPingPong) / 1e3
+	c.ChanWakeRoundTripUS = threadPair(cpus, pinned, 3000, chanPingPong) / 1e3
+	c.FutexRoundTripUS = threadPair(cpus, pinned, 3000, futexPingPong) / 1e3
+	c.ChanWakeUnpinnedUS = threadPair(cpus, false, 3000, chanPingPong) / 1e3
+	c.FutexUnpinnedUS = threadPair(cpus, false, 3000, futexPingPong) / 1e3
 	if pinned {
-		c.CacheLineRoundTripNs = threadPair(cpus, pinned, 200000, spinPingPong)
+		c.CacheLineRoundTripNs = threadPair(cpus, pinned, 100000, spinPingPong)
 	}
 	if c.PageTouchUS, err = pageTouch(false); err != nil {
 		fail("page touch", err)
@@ -83,9 +89,10 @@ func (c calibration) String() string {
 	if c.Pinned {
 		pin = fmt.Sprintf("cpus %d,%d", c.CPUs[0], c.CPUs[1])
 	}
-	return fmt.Sprintf("uds rtt %.1fµs, chan wake rtt %.1fµs, futex rtt %.1fµs, cache-line rtt %.0fns (%s), "+
-		"page touch %.2fµs (shm %.2fµs), memcpy %.1f GB/s cold, %.1f GB/s warm",
-		c.UDSRoundTripUS, c.ChanWakeRoundTripUS, c.FutexRoundTripUS, c.CacheLineRoundTripNs, pin,
+	return fmt.Sprintf("uds rtt %.1fµs, chan wake rtt %.1fµs (unpinned %.1fµs), futex rtt %.1fµs (unpinned %.1fµs), "+
+		"cache-line rtt %.0fns (%s), page touch %.2fµs (shm %.2fµs), memcpy %.1f GB/s cold, %.1f GB/s warm",
+		c.UDSRoundTripUS, c.ChanWakeRoundTripUS, c.ChanWakeUnpinnedUS, c.FutexRoundTripUS, c.FutexUnpinnedUS,
+		c.CacheLineRoundTripNs, pin,
 		c.PageTouchUS, c.ShmPageTouchUS, c.MemcpyColdGBs, c.MemcpyWarmGBs)
 }
 
@@ -290,10 +297,10 @@ func (s *spinPP) run(side, n int) {
 	}
 }
 
-// pageTouch maps 64 MiB of fresh memory (anonymous, or a memfd mapped
+// pageTouch maps 16 MiB of fresh memory (anonymous, or a memfd mapped
 // shared) and returns the mean time, in µs, of the first write to each page.
 func pageTouch(shared bool) (float64, error) {
-	const size = 64 << 20
+	const size = 16 << 20
 	page := os.Getpagesize()
 	var mem []byte
 	var err error
