@@ -66,7 +66,7 @@ func main() {
 	flag.StringVar(&scale, "scale", "", "comma-separated client-process counts for the scale case (default by mode; 0 disables)")
 	flag.BoolVar(&o.summary, "summary", false, "print the per-round summary and ratios at the end (always in -mode quick)")
 	flag.StringVar(&o.out, "out", "", "output file (default results/<mode>.json)")
-	flag.StringVar(&o.reportDir, "report", "-", "directory for REPORT.md and its charts (default results for -mode full, none otherwise; empty for none)")
+	flag.StringVar(&o.reportDir, "report", "-", "directory for REPORT.md and its charts (default results for -mode full, results/quick for -mode quick, none otherwise; empty for none)")
 	flag.Parse()
 
 	var err error

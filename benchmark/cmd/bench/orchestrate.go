@@ -309,8 +309,11 @@ func orchestrate(o options) error {
 	repDir := o.reportDir
 	if repDir == "-" {
 		repDir = ""
-		if o.mode == "full" {
+		switch o.mode {
+		case "full":
 			repDir = filepath.Dir(out)
+		case "quick":
+			repDir = filepath.Join(filepath.Dir(out), "quick")
 		}
 	}
 	if repDir == "" {

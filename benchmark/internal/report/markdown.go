@@ -74,11 +74,15 @@ func (d *data) markdown(b *strings.Builder, source, command string, charts map[s
 		fmt.Fprintf(b, "- Load average (1, 5, 15 min) at the start: %s; at the end: %s. With 2 cores, anything above ~1 "+
 			"besides the benchmark means other work competed with it for the CPU.\n", m.LoadAvg, m.LoadEnd)
 	}
+	d.calibrationSection(b)
 	fmt.Fprintf(b, "- Method: client and server in separate processes; every request and response payload is written in full "+
 		"by its sender and read (verified) in full by its receiver. Transports run back to back within each round, their order "+
 		"rotating from round to round; each figure is the median of %d rounds, and ±x%% is half the spread "+
 		"(max-min)/median of the rounds. CPU is user+system time (getrusage) of both processes over the measurement "+
-		"window, divided by the calls completed in it; allocations are the client process's Go heap allocations per call.\n\n", rounds)
+		"window, divided by the calls completed in it; allocations are the client process's Go heap allocations per call. "+
+		"Context switches (voluntary+involuntary, all threads, getrusage), minor page faults, CPU migrations and the time "+
+		"threads waited runnable for a CPU (schedstat) are those of both processes over the window, per call; the Go scheduler "+
+		"latency is the p99 of /sched/latencies:seconds in the window, client / server.\n\n", rounds)
 
 	d.headline(b, charts)
 	d.goals(b)
@@ -88,6 +92,7 @@ func (d *data) markdown(b *strings.Builder, source, command string, charts map[s
 		}
 		d.layerSection(b, layer, charts[layer])
 	}
+	d.roundsSection(b)
 	d.scaleSection(b, charts["scale"])
 	d.notAhead(b)
 	var failed []string
@@ -232,7 +237,8 @@ func (d *data) layerSection(b *strings.Builder, layer string, charts []chart) {
 		b.WriteString("`kshm` is package shm in its default notify mode, `kshm-poll` and `kshm-timed` its other wake-up modes; " +
 			"`uds` is a plain unix socket with length-prefixed frames, one connection per concurrent caller; `shmipc-go` is " +
 			"github.com/cloudwego/shmipc-go v0.2.0 with memfd memory, one stream per concurrent caller, its buffer slices sized " +
-			"for the payload as in its own benchmark.\n\n")
+			"for the payload as in its own benchmark, warmed up until it has used every slice of its FIFO free list once " +
+			"(each first touch of a page is a page fault in both processes), with no call falling back to its unix socket.\n\n")
 	} else {
 		b.WriteString("The same kitex-generated EchoService client and handler over each transport (TTHeaderFramed, a " +
 			"long-connection pool holding one connection per concurrent caller); the handler verifies the request payload and " +
@@ -266,6 +272,39 @@ func (d *data) layerSection(b *strings.Builder, layer string, charts []chart) {
 		table(b, head, thr)
 		fmt.Fprintf(b, "CPU µs per call, both processes (client heap allocations per call)\n\n")
 		table(b, head, cpu)
+		var expl [][]string
+		for _, size := range d.sizes(layer) {
+			e := []string{SizeName(size)}
+			for _, t := range ts {
+				r, ok := d.get(layer, t, size, conc)
+				if !ok {
+					e = append(e, "–")
+					continue
+				}
+				e = append(e, fmt.Sprintf("%.2f / %.2f / %.2f / %s", r.CSW, r.MinFlt, r.Migrations, us(r.RunqWait)))
+			}
+			expl = append(expl, e)
+		}
+		fmt.Fprintf(b, "Per call, both processes: context switches / minor page faults / CPU migrations / µs waiting for a CPU\n\n")
+		table(b, head, expl)
+		if layer == "kitex" {
+			var sched [][]string
+			for _, size := range d.sizes(layer) {
+				e := []string{SizeName(size)}
+				for _, t := range ts {
+					r, ok := d.get(layer, t, size, conc)
+					if !ok {
+						e = append(e, "–")
+						continue
+					}
+					e = append(e, fmt.Sprintf("%s / %s (%s / %s)", us(r.ClientSchedP50), us(r.ServerSchedP50),
+						us(r.ClientSchedP99), us(r.ServerSchedP99)))
+				}
+				sched = append(sched, e)
+			}
+			fmt.Fprintf(b, "Go scheduler latency in the window (/sched/latencies), µs: p50 client / server (p99 client / server)\n\n")
+			table(b, head, sched)
+		}
 
 		var rhead []string
 		rhead = append(rhead, "size")
@@ -384,4 +423,94 @@ func (d *data) notAhead(b *strings.Builder) {
 	}
 	b.WriteString("Cases where the default mode is behind a baseline by more than half the spread of the rounds:\n\n")
 	b.WriteString(strings.Join(lines, "\n") + "\n\n")
+}
+
+// calibrationSection shows what the machine's basic operations cost at the
+// start and the end of the run.
+func (d *data) calibrationSection(b *strings.Builder) {
+	m := d.recs[0].Machine
+	if m.Calibration == nil {
+		return
+	}
+	cols := []*Calibration{m.Calibration}
+	head := []string{"machine calibration", "at the start"}
+	if m.CalibrationEnd != nil {
+		cols = append(cols, m.CalibrationEnd)
+		head = append(head, "at the end")
+	}
+	pin := "threads not pinned (fewer than 2 CPUs)"
+	if m.Calibration.Pinned {
+		pin = fmt.Sprintf("threads pinned to CPUs %d and %d", m.Calibration.CPUs[0], m.Calibration.CPUs[1])
+	}
+	rows := []struct {
+		name string
+		f    func(c *Calibration) string
+	}{
+		{"unix socket 1-byte round trip, two processes (p50, µs)", func(c *Calibration) string { return us(c.UDSRoundTripUS) }},
+		{"channel wake-up round trip, two locked threads, pinned / unpinned (µs)", func(c *Calibration) string {
+			return us(c.ChanWakeRoundTripUS) + " / " + us(c.ChanWakeUnpinnedUS)
+		}},
+		{"futex wake-up round trip, two threads, pinned / unpinned (µs)", func(c *Calibration) string {
+			return us(c.FutexRoundTripUS) + " / " + us(c.FutexUnpinnedUS)
+		}},
+		{"cache-line ping-pong round trip, two pinned threads spinning (ns)", func(c *Calibration) string {
+			return fmt.Sprintf("%.0f", c.CacheLineRoundTripNs)
+		}},
+		{"first touch of a page, anonymous / memfd shared (µs)", func(c *Calibration) string {
+			return us(c.PageTouchUS) + " / " + us(c.ShmPageTouchUS)
+		}},
+		{"memcpy, 64 MiB cold / 256 KiB warm (GB/s)", func(c *Calibration) string {
+			return fmt.Sprintf("%.1f / %.1f", c.MemcpyColdGBs, c.MemcpyWarmGBs)
+		}},
+	}
+	var tr [][]string
+	for _, r := range rows {
+		row := []string{r.name}
+		for _, c := range cols {
+			row = append(row, r.f(c))
+		}
+		tr = append(tr, row)
+	}
+	fmt.Fprintf(b, "- Calibration (%s); compare these before comparing results from two machines:\n\n", pin)
+	table(b, head, tr)
+}
+
+// roundsSection shows every round of the key rows (concurrency 1 at 64 B,
+// 16 KiB and 1 MiB): a median hides a slow round, and the rounds' context
+// switches, faults, migrations and waits for a CPU say why it was slow.
+func (d *data) roundsSection(b *strings.Builder) {
+	var rows [][]string
+	for _, layer := range []string{"kitex", "engine"} {
+		for _, t := range d.transports(layer) {
+			for _, size := range []int{64, 16 << 10, 1 << 20} {
+				r, ok := d.get(layer, t, size, 1)
+				if !ok {
+					continue
+				}
+				rows = append(rows, []string{layer, t, SizeName(size), rounds(r.P50Rounds), rounds(r.CPURounds),
+					rounds(r.CSWRounds), rounds(r.FltRounds), rounds(r.MigRounds), rounds(r.RunqRounds), rounds(r.GCRounds)})
+			}
+		}
+	}
+	if len(rows) == 0 {
+		return
+	}
+	fmt.Fprintf(b, "## Every round of the key rows (concurrency 1)\n\n")
+	b.WriteString("One value per round, in the order the rounds ran; per call, both processes.\n\n")
+	table(b, []string{"layer", "transport", "size", "p50 µs", "CPU µs", "context switches", "minor faults", "migrations",
+		"µs waiting for a CPU", "GC cycles in the window"}, rows)
+}
+
+func rounds(v []float64) string {
+	if len(v) == 0 {
+		return "–"
+	}
+	parts := make([]string, len(v))
+	for i, x := range v {
+		parts[i] = strings.TrimSpace(us(x))
+		if x == 0 {
+			parts[i] = "0"
+		}
+	}
+	return strings.Join(parts, ", ")
 }

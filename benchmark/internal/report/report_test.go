@@ -31,6 +31,11 @@ func synthetic() []Record {
 		}
 	}
 	recs[0].Machine.CPU = "test cpu"
+	recs[0].Machine.Calibration = &Calibration{UDSRoundTripUS: 23.5, CacheLineRoundTripNs: 1700, Pinned: true, CPUs: [2]int{0, 1}}
+	for i := range recs {
+		recs[i].P50Rounds = []float64{recs[i].P50, recs[i].P50 * 1.1, recs[i].P50 * 0.9}
+		recs[i].CSWRounds = []float64{1, 2, 3}
+	}
 	return recs
 }
 
@@ -45,7 +50,8 @@ func TestWrite_ReportAndCharts(t *testing.T) {
 	}
 	md := string(b)
 	for _, want := range []string{"## Goals", "## Engine layer", "## Kitex layer", "## Scale", "kshm / uds",
-		"engine-latency-c1.svg", "kitex-throughput-c16.svg", "scale-throughput.svg", "test cpu"} {
+		"engine-latency-c1.svg", "kitex-throughput-c16.svg", "scale-throughput.svg", "test cpu",
+		"unix socket 1-byte round trip", "23.5", "1700", "## Every round of the key rows", "context switches / minor page faults"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}
