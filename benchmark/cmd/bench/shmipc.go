@@ -59,11 +59,13 @@ const shmipcSlack = 256
 // shmipcSliceSizes returns the shared-memory capacity and the buffer slice
 // lists (in ascending order of size, as shmipc-go sorts them anyway) for payloads of
 // size bytes with conc calls in flight: 70% of the memory in payload-sized
-// slices, with room for a request and a response per call in flight and a
-// margin, the rest in 16 KiB and 64 KiB slices.
+// slices, with room for twice a request and a response per call in flight
+// (slices return to the free list some time after their message was read:
+// with room for only one of each, a 1 MiB run at 16 calls in flight fell
+// back 4 times), the rest in 16 KiB and 64 KiB slices.
 func shmipcSliceSizes(size, conc int) (uint32, []*shmipc.SizePercentPair) {
 	slice := uint32(size + shmipcSlack)
-	need := 2 * uint64(conc+2) * uint64(slice) * 10 / 7
+	need := 4 * uint64(conc+2) * uint64(slice) * 10 / 7
 	capacity := uint64(32 << 20)
 	for capacity < need {
 		capacity *= 2

@@ -21,8 +21,8 @@ func TestShmipcSliceSizes_CoverThePayload(t *testing.T) {
 			if largest < uint32(size) {
 				t.Errorf("%d B c%d: largest slice %d holds no payload", size, conc, largest)
 			}
-			if n := shmipcPayloadSlices(size, conc); n < 2*(conc+2) {
-				t.Errorf("%d B c%d: %d payload slices in %d bytes, want at least %d", size, conc, n, capacity, 2*(conc+2))
+			if n := shmipcPayloadSlices(size, conc); n < 4*(conc+2) {
+				t.Errorf("%d B c%d: %d payload slices in %d bytes, want at least %d", size, conc, n, capacity, 4*(conc+2))
 			}
 		}
 	}
