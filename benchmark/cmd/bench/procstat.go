@@ -39,6 +39,12 @@ type procSample struct {
 	Errors    int      `json:"errors"`
 	RSSKiB    int64    `json:"rss_kib"`
 	ShmemKiB  int64    `json:"shmem_kib"`
+	// Shared memory the process maps, counted once per memfd however
+	// often it is mapped: the pages the memfds have committed (allocated)
+	// and their sizes, in KiB, and the number of memfds.
+	ShmCommittedKiB int64 `json:"shm_committed_kib"`
+	ShmMappedKiB    int64 `json:"shm_mapped_kib"`
+	Memfds          int   `json:"memfds"`
 }
 
 const schedMetric = "/sched/latencies:seconds"
@@ -75,7 +81,39 @@ func takeSample(fallbacks func() uint64) procSample {
 		v.Fallbacks = fallbacks()
 	}
 	v.RSSKiB, v.ShmemKiB = memKiB()
+	v.ShmCommittedKiB, v.ShmMappedKiB, v.Memfds = memfdKiB()
 	return v
+}
+
+// memfdKiB adds up the memfds this process maps (/proc/self/map_files),
+// each once: the bytes their pages take (st_blocks) and their sizes.
+func memfdKiB() (committed, mapped int64, n int) {
+	dir := "/proc/self/map_files"
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, 0, 0
+	}
+	type id struct{ dev, ino uint64 }
+	seen := map[id]bool{}
+	for _, e := range ents {
+		target, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err != nil || !strings.HasPrefix(target, "/memfd:") {
+			continue
+		}
+		var st syscall.Stat_t
+		if err := syscall.Stat(filepath.Join(dir, e.Name()), &st); err != nil {
+			continue
+		}
+		k := id{uint64(st.Dev), st.Ino}
+		if seen[k] {
+			continue
+		}
+		seen[k] = true
+		committed += st.Blocks * 512 >> 10
+		mapped += st.Size >> 10
+		n++
+	}
+	return committed, mapped, n
 }
 
 // threadSched sums the CPU migrations and the run-queue waits of every

@@ -36,6 +36,17 @@ type record struct {
 	ServerShmemKiB      float64 `json:"server_shmem_kib"` // RssShmem: shared memory resident in the server
 	ClientRSSKiB        float64 `json:"client_rss_kib"`   // per client process
 	ClientShmemKiB      float64 `json:"client_shmem_kib"` // per client process
+	// The memfds the server maps, each counted once: the memory their pages
+	// take (committed) and their sizes (mapped), KiB, and how many.
+	ServerShmCommittedKiB float64 `json:"server_shm_committed_kib"`
+	ServerShmMappedKiB    float64 `json:"server_shm_mapped_kib"`
+	ServerMemfds          float64 `json:"server_memfds"`
+	// The scale case's heavy client (one more process, one call at a time):
+	// its payload size, p50, calls per second and fallbacks (all rounds).
+	HeavySize      int     `json:"heavy_size,omitempty"`
+	HeavyP50US     float64 `json:"heavy_p50_us,omitempty"`
+	HeavyQPS       float64 `json:"heavy_qps,omitempty"`
+	HeavyFallbacks uint64  `json:"heavy_fallbacks,omitempty"`
 
 	// What explains the numbers, per call and both processes together unless
 	// named: context switches of all threads (voluntary+involuntary,
@@ -183,6 +194,14 @@ func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m m
 	rec.ServerShmemKiB = med(func(r roundResult) float64 { return r.serverShmem })
 	rec.ClientRSSKiB = med(func(r roundResult) float64 { return r.clientRSS })
 	rec.ClientShmemKiB = med(func(r roundResult) float64 { return r.clientShmem })
+	rec.ServerShmCommittedKiB = med(func(r roundResult) float64 { return r.serverShmCommitted })
+	rec.ServerShmMappedKiB = med(func(r roundResult) float64 { return r.serverShmMapped })
+	rec.ServerMemfds = med(func(r roundResult) float64 { return float64(r.serverMemfds) })
+	if c.heavy > 0 {
+		rec.HeavySize = c.heavy
+		rec.HeavyP50US = med(func(r roundResult) float64 { return r.heavyP50 })
+		rec.HeavyQPS = med(func(r roundResult) float64 { return r.heavyQPS })
+	}
 	rec.CSWPerCall = med(func(r roundResult) float64 { return r.csw })
 	rec.ClientCSWPerCall = med(func(r roundResult) float64 { return r.clientCSW })
 	rec.ServerCSWPerCall = med(func(r roundResult) float64 { return r.serverCSW })
@@ -220,6 +239,7 @@ func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m m
 	for i := range rs {
 		rec.Calls += rs[i].calls
 		rec.Fallbacks += rs[i].fallbacks
+		rec.HeavyFallbacks += rs[i].heavyFallbacks
 	}
 	return rec
 }

@@ -61,7 +61,7 @@ func runServer(o options) error {
 		return err
 	}
 	var fails firstError
-	srv, err := def.serve(params{sock: o.sock, size: o.size, conc: o.conc}, func(err error) {
+	srv, err := def.serve(params{sock: o.sock, size: o.size, conc: o.conc, scale: o.scaleRole}, func(err error) {
 		fails.set(err)
 		fmt.Fprintf(os.Stderr, "bench server %s: %v\n", def.id(), err)
 	})
@@ -165,7 +165,7 @@ func runClient(o options) error {
 	if err := expect("start"); err != nil {
 		return err
 	}
-	p := params{sock: o.sock, size: o.size, conc: o.conc}
+	p := params{sock: o.sock, size: o.size, conc: o.conc, scale: o.scaleRole}
 	cs, err := def.dial(p)
 	if err != nil {
 		return report(fmt.Errorf("%s dial: %w", def.id(), err))

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
@@ -104,6 +105,7 @@ func shmipcFallbacks(s *shmipc.Session) uint64 {
 type shmipcClient struct {
 	size     int
 	conc     int
+	scale    bool
 	sm       *shmipc.SessionManager
 	mu       sync.Mutex // guards sessions
 	sessions map[*shmipc.Session]bool
@@ -120,7 +122,7 @@ func dialShmipc(p params) (clientSide, error) {
 	if err != nil {
 		return nil, fmt.Errorf("shmipc-go: %w", err)
 	}
-	return &shmipcClient{size: p.size, conc: p.conc, sm: sm, sessions: map[*shmipc.Session]bool{}}, nil
+	return &shmipcClient{size: p.size, conc: p.conc, scale: p.scale, sm: sm, sessions: map[*shmipc.Session]bool{}}, nil
 }
 
 func (c *shmipcClient) newCaller(int) (caller, error) {
@@ -131,7 +133,7 @@ func (c *shmipcClient) newCaller(int) (caller, error) {
 	c.mu.Lock()
 	c.sessions[st.Session()] = true
 	c.mu.Unlock()
-	return &shmipcCaller{st: st, size: c.size}, nil
+	return &shmipcCaller{st: st, size: c.size, scale: c.scale}, nil
 }
 
 // warmCalls is the number of calls that touch every payload-sized slice
@@ -161,14 +163,27 @@ func (c *shmipcClient) fallbacks() uint64 {
 func (c *shmipcClient) close() error { return c.sm.Close() }
 
 type shmipcCaller struct {
-	st   *shmipc.Stream
-	size int
+	st    *shmipc.Stream
+	size  int
+	scale bool // requests carry a 4-byte length first
 }
 
+// shmipcLen is the length prefix of a request in the scale case, where one
+// server takes requests of different sizes.
+const shmipcLen = 4
+
 func (s *shmipcCaller) call(seq uint64) error {
-	p, err := s.st.BufferWriter().Reserve(s.size)
+	n := s.size
+	if s.scale {
+		n += shmipcLen
+	}
+	p, err := s.st.BufferWriter().Reserve(n)
 	if err != nil {
 		return fmt.Errorf("shmipc-go: reserve: %w", err)
+	}
+	if s.scale {
+		binary.LittleEndian.PutUint32(p, uint32(s.size))
+		p = p[shmipcLen:]
 	}
 	fillRequest(p, seq)
 	if err := s.st.Flush(false); err != nil {
@@ -229,7 +244,7 @@ func serveShmipc(p params, fail func(error)) (serverSide, error) {
 					s.wg.Add(1)
 					go func() {
 						defer s.wg.Done()
-						if err := serveShmipcStream(st, p.size); err != nil {
+						if err := serveShmipcStream(st, p.size, p.scale); err != nil {
 							fail(err)
 						}
 					}()
@@ -240,11 +255,23 @@ func serveShmipc(p params, fail func(error)) (serverSide, error) {
 	return s, nil
 }
 
-func serveShmipcStream(st *shmipc.Stream, size int) error {
+// serveShmipcStream serves requests of size bytes, or in the scale case
+// requests of up to size bytes, each after its 4-byte length.
+func serveShmipcStream(st *shmipc.Stream, size int, scale bool) error {
 	defer st.Close()
 	r, w := st.BufferReader(), st.BufferWriter()
 	for {
-		req, err := r.ReadBytes(size)
+		n := size
+		if scale {
+			h, err := r.ReadBytes(shmipcLen)
+			if err != nil {
+				return nil // stream or session closed
+			}
+			if n = int(binary.LittleEndian.Uint32(h)); n > size || n < minSize {
+				return fmt.Errorf("shmipc-go: request of %d bytes, want %d to %d", n, minSize, size)
+			}
+		}
+		req, err := r.ReadBytes(n)
 		if err != nil {
 			return nil // stream or session closed
 		}
@@ -254,7 +281,7 @@ func serveShmipcStream(st *shmipc.Stream, size int) error {
 		if !ok {
 			return errCorruptRequest
 		}
-		resp, err := w.Reserve(size)
+		resp, err := w.Reserve(n)
 		if err != nil {
 			return fmt.Errorf("shmipc-go: reserve: %w", err)
 		}

@@ -20,6 +20,14 @@ func us(v float64) string {
 	return fmt.Sprintf("%.2f", v)
 }
 
+// usUnit is us with its unit: "850 µs", "13.5 ms".
+func usUnit(v float64) string {
+	if v >= 10000 {
+		return us(v)
+	}
+	return us(v) + " µs"
+}
+
 func count(v float64) string {
 	switch {
 	case v == 0:
@@ -359,26 +367,46 @@ func (d *data) scaleSection(b *strings.Builder, charts []chart) {
 	}
 	r0 := d.scale[0]
 	fmt.Fprintf(b, "## Scale: client processes calling one server\n\n")
-	fmt.Fprintf(b, "Each client process makes %d concurrent calls of %s; one server process serves them all "+
-		"(the sidecar case). Memory is the server's, sampled at the end of the window: RSS, and RssShmem (shared "+
-		"memory resident in it), also per session.\n\n", r0.Concurrency/max(r0.Clients, 1), SizeName(r0.Size))
+	heavy := ""
+	if r0.HeavySize > 0 {
+		heavy = fmt.Sprintf(", plus one heavy client process making calls of %s one at a time", SizeName(r0.HeavySize))
+	}
+	fmt.Fprintf(b, "Light client processes each make %d call(s) of %s at a time%s; one server process serves them all "+
+		"(the sidecar case), each transport in its default configuration. Shared memory is what the server maps, each "+
+		"memfd counted once: committed is the memory its pages take (the server's and its clients' regions alike), "+
+		"per session is that divided by the client processes. Calls per second and latency are the light clients'; the "+
+		"heavy client's are in their own columns. CPU per call includes the heavy client's.\n\n",
+		r0.Concurrency/max(r0.Clients, 1), SizeName(r0.Size), heavy)
 	for _, c := range charts {
 		fmt.Fprintf(b, "![%s](%s)\n\n", c.title, c.file)
 	}
 	var rows [][]string
 	for _, t := range engineOrder {
 		for _, r := range d.scale {
-			if r.Transport != t || r.Rounds == 0 {
+			if r.Transport != t {
 				continue
 			}
-			n := float64(max(r.Clients, 1))
+			if r.Rounds == 0 {
+				why := "no round completed"
+				if len(r.Errors) > 0 {
+					why = strings.SplitN(r.Errors[0], "\n", 2)[0]
+				}
+				rows = append(rows, []string{t, fmt.Sprint(r.Clients), why, "", "", "", "", "", "", "", "", ""})
+				continue
+			}
+			n := float64(r.Sessions())
+			hv := "–"
+			if r.HeavySize > 0 {
+				hv = fmt.Sprintf("p50 %s, %s/s, %d fallbacks", usUnit(r.HeavyP50), count(r.HeavyQPS), r.HeavyFallbacks)
+			}
 			rows = append(rows, []string{t, fmt.Sprint(r.Clients), count(r.QPS) + " " + pct(r.QPSSpread), us(r.P50), us(r.P99),
-				us(r.CPU), fmt.Sprintf("%.1f", r.ServerRSS/1024), fmt.Sprintf("%.1f", r.ServerShmem/1024),
-				fmt.Sprintf("%.1f", r.ServerShmem/1024/n), fmt.Sprintf("%.1f", r.ClientRSS/1024)})
+				us(r.CPU), fmt.Sprintf("%.1f", r.ServerRSS/1024), fmt.Sprintf("%.1f", r.ServerShmCommitted/1024),
+				fmt.Sprintf("%.1f", r.ServerShmCommitted/1024/n), fmt.Sprintf("%.1f", r.ServerShmMapped/1024/n),
+				fmt.Sprintf("%.1f", r.ClientRSS/1024), hv})
 		}
 	}
-	table(b, []string{"transport", "clients", "calls/s", "p50 µs", "p99 µs", "CPU µs/call", "server RSS MiB",
-		"server shmem MiB", "shmem MiB per session", "client RSS MiB"}, rows)
+	table(b, []string{"transport", "light clients", "calls/s", "p50 µs", "p99 µs", "CPU µs/call", "server RSS MiB",
+		"server shm committed MiB", "committed MiB per session", "mapped MiB per session", "client RSS MiB", "heavy client"}, rows)
 }
 
 // notAhead lists, honestly, every case where the default kshm mode is

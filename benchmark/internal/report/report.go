@@ -43,6 +43,14 @@ type Record struct {
 	Fallbacks    uint64    `json:"fallbacks"`
 	Errors       []string  `json:"errors"`
 
+	ServerShmCommitted float64 `json:"server_shm_committed_kib"`
+	ServerShmMapped    float64 `json:"server_shm_mapped_kib"`
+	ServerMemfds       float64 `json:"server_memfds"`
+	HeavySize          int     `json:"heavy_size"`
+	HeavyP50           float64 `json:"heavy_p50_us"`
+	HeavyQPS           float64 `json:"heavy_qps"`
+	HeavyFallbacks     uint64  `json:"heavy_fallbacks"`
+
 	CSW            float64   `json:"csw_per_call"`
 	ClientCSW      float64   `json:"client_csw_per_call"`
 	ServerCSW      float64   `json:"server_csw_per_call"`
@@ -90,6 +98,16 @@ type Calibration struct {
 	MemcpyWarmGBs        float64 `json:"memcpy_warm_gbs"`
 	Pinned               bool    `json:"pinned"`
 	CPUs                 [2]int  `json:"cpus"`
+}
+
+// Sessions is the number of client processes of a scale record: the light
+// ones and the heavy one.
+func (r Record) Sessions() int {
+	n := max(r.Clients, 1)
+	if r.HeavySize > 0 {
+		n++
+	}
+	return n
 }
 
 // Load reads a results file.
