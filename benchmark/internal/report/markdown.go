@@ -94,6 +94,7 @@ func (d *data) markdown(b *strings.Builder, source, command string, charts map[s
 
 	d.headline(b, charts)
 	d.goals(b)
+	d.kitexGoals(b)
 	for _, layer := range []string{"engine", "kitex"} {
 		if len(d.concs(layer)) == 0 {
 			continue
@@ -541,4 +542,74 @@ func rounds(v []float64) string {
 		}
 	}
 	return strings.Join(parts, ", ")
+}
+
+// kitexGoals checks the Kitex layer's targets (issue 10): kshm in its
+// default mode against netpoll over a unix socket, in one run.
+func (d *data) kitexGoals(b *strings.Builder) {
+	const base = "netpoll-uds"
+	get := func(t string, size, conc int) (Record, bool) { return d.get("kitex", t, size, conc) }
+	type goal struct {
+		text  string
+		conc  int
+		sizes map[int]float64 // size -> limit
+		cell  func(k, n Record, limit float64) (string, bool)
+	}
+	ratioLE := func(f func(Record) float64) func(k, n Record, limit float64) (string, bool) {
+		return func(k, n Record, limit float64) (string, bool) {
+			a, c := f(k), f(n)
+			return fmt.Sprintf("%s (≤%.1f×)", ratio(a, c), limit), a > 0 && c > 0 && a <= limit*c
+		}
+	}
+	goals := []goal{
+		{"p50 at c=1, kshm / netpoll-uds", 1, map[int]float64{64: 0.5, 16 << 10: 0.5, 1 << 20: 0.6},
+			ratioLE(func(r Record) float64 { return r.P50 })},
+		{"CPU per call at c=1, kshm / netpoll-uds", 1, map[int]float64{64: 0.8, 16 << 10: 0.7, 1 << 20: 0.7},
+			ratioLE(func(r Record) float64 { return r.CPU })},
+		{"context switches per call at c=1, both processes", 1, map[int]float64{64: 1, 16 << 10: 1},
+			func(k, n Record, limit float64) (string, bool) {
+				return fmt.Sprintf("%.2f (≤%.0f; netpoll %.2f)", k.CSW, limit, n.CSW), k.Rounds > 0 && k.CSW <= limit
+			}},
+		{"throughput at c=16, kshm / netpoll-uds", 16, map[int]float64{16 << 10: 1.5, 1 << 20: 1.5},
+			func(k, n Record, limit float64) (string, bool) {
+				return fmt.Sprintf("%s (≥%.1f×)", ratio(k.QPS, n.QPS), limit), k.QPS > 0 && n.QPS > 0 && k.QPS >= limit*n.QPS
+			}},
+		{"CPU per call at c=16, kshm / netpoll-uds", 16, map[int]float64{16 << 10: 0.7, 1 << 20: 0.7},
+			ratioLE(func(r Record) float64 { return r.CPU })},
+	}
+	sizes := []int{64, 16 << 10, 1 << 20}
+	var rows [][]string
+	for _, g := range goals {
+		row := []string{g.text}
+		for _, size := range sizes {
+			limit, ok := g.sizes[size]
+			if !ok {
+				row = append(row, "")
+				continue
+			}
+			k, ok1 := get("kshm", size, g.conc)
+			n, ok2 := get(base, size, g.conc)
+			if !ok1 || !ok2 {
+				row = append(row, "not measured")
+				continue
+			}
+			cell, met := g.cell(k, n, limit)
+			if met {
+				cell += " ✓"
+			} else {
+				cell += " ✗"
+			}
+			row = append(row, cell)
+		}
+		rows = append(rows, row)
+	}
+	if _, ok := get("kshm", 64, 1); !ok {
+		return
+	}
+	fmt.Fprintf(b, "## Goals (Kitex layer, kshm against netpoll over a unix socket)\n\n")
+	head := []string{"goal"}
+	for _, s := range sizes {
+		head = append(head, SizeName(s))
+	}
+	table(b, head, rows)
 }

@@ -53,7 +53,8 @@ func TestWrite_ReportAndCharts(t *testing.T) {
 	for _, want := range []string{"## Goals", "## Engine layer", "## Kitex layer", "## Scale", "kshm / uds",
 		"engine-latency-c1.svg", "kitex-throughput-c16.svg", "scale-throughput.svg", "test cpu",
 		"unix socket 1-byte round trip", "23.5", "1700", "## Every round of the key rows", "context switches / minor page faults",
-		"scale-memory.svg", "committed MiB per session", "4 MiB one at a time"} {
+		"scale-memory.svg", "committed MiB per session", "4 MiB one at a time",
+		"## Goals (Kitex layer", "context switches per call at c=1"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}
