@@ -236,11 +236,6 @@ func runClient(o options) error {
 		}
 		return fb.fallbacks()
 	}
-	// A transport that cycles through its buffers (shmipc-go takes them
-	// from a FIFO free list) warms up until it has made enough calls to
-	// have touched each buffer once: the first touch of each page of shared
-	// memory costs a page fault in both processes, which a long-running
-	// user pays once, not on every call.
 	// Every transport makes at least four calls per caller, so that each
 	// caller's buffers have been used before the window opens, and moves
 	// 128 MiB each way (up to 256 calls): a process's first megabytes of
@@ -248,7 +243,11 @@ func runClient(o options) error {
 	// each first touch a page fault of 10-40 µs on a small VM, and a Kitex
 	// call at 1 MiB measured 8-13 ms with 300-450 faults and 100 allocations
 	// per call in its first 100 ms, 1.2-2.5 ms with 35-110 faults and 30
-	// allocations once warm.
+	// allocations once warm. A transport that cycles through its buffers
+	// (shmipc-go takes them from a FIFO free list) asks for enough calls to
+	// have touched each buffer once (warmCalls): the first touch of each page
+	// of shared memory costs a page fault in both processes, which a
+	// long-running user pays once, not on every call.
 	warmCalls := max(4*o.conc, min(256, (128<<20)/max(o.size, 1)))
 	if w, ok := cs.(interface{ warmCalls() int }); ok {
 		warmCalls = max(warmCalls, w.warmCalls())
