@@ -20,6 +20,19 @@ func us(v float64) string {
 	return fmt.Sprintf("%.2f", v)
 }
 
+// num formats a plain number with about three significant digits.
+func num(v float64) string {
+	switch {
+	case v == 0:
+		return "0"
+	case v >= 100:
+		return fmt.Sprintf("%.0f", v)
+	case v >= 10:
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.2f", v)
+}
+
 // usUnit is us with its unit: "850 µs", "13.5 ms".
 func usUnit(v float64) string {
 	if v >= 10000 {
@@ -528,6 +541,56 @@ func (d *data) roundsSection(b *strings.Builder) {
 	b.WriteString("One value per round, in the order the rounds ran; per call, both processes.\n\n")
 	table(b, []string{"layer", "transport", "size", "p50 µs", "CPU µs", "context switches", "minor faults", "migrations",
 		"µs waiting for a CPU", "GC cycles in the window"}, rows)
+	var slow []string
+	for _, layer := range []string{"kitex", "engine"} {
+		for _, t := range d.transports(layer) {
+			for _, size := range []int{64, 16 << 10, 1 << 20} {
+				if r, ok := d.get(layer, t, size, 1); ok {
+					if line := slowRound(r); line != "" {
+						slow = append(slow, line)
+					}
+				}
+			}
+		}
+	}
+	if len(slow) > 0 {
+		b.WriteString("Rounds whose p50 is at least 1.5× the fastest round's, against the fastest round (per call, both " +
+			"processes):\n\n" + strings.Join(slow, "\n") + "\n\n")
+	}
+}
+
+// slowRound describes the slowest round of r, if its p50 is at least 1.5
+// times the fastest round's, by what changed between the two rounds.
+func slowRound(r Record) string {
+	n := len(r.P50Rounds)
+	if n < 2 {
+		return ""
+	}
+	lo, hi := 0, 0
+	for i, v := range r.P50Rounds {
+		if v < r.P50Rounds[lo] {
+			lo = i
+		}
+		if v > r.P50Rounds[hi] {
+			hi = i
+		}
+	}
+	if r.P50Rounds[lo] <= 0 || r.P50Rounds[hi] < 1.5*r.P50Rounds[lo] {
+		return ""
+	}
+	at := func(v []float64, i int) float64 {
+		if i < len(v) {
+			return v[i]
+		}
+		return 0
+	}
+	diff := func(name string, v []float64, unit string) string {
+		return fmt.Sprintf("%s %s → %s%s", name, num(at(v, lo)), num(at(v, hi)), unit)
+	}
+	return fmt.Sprintf("- %s %s %s: round %d %s µs against round %d %s µs: %s; %s; %s; %s; GC cycles %.0f → %.0f",
+		r.Layer, r.Transport, SizeName(r.Size), hi+1, us(r.P50Rounds[hi]), lo+1, us(r.P50Rounds[lo]),
+		diff("waiting for a CPU", r.RunqRounds, " µs"), diff("context switches", r.CSWRounds, ""),
+		diff("minor faults", r.FltRounds, ""), diff("migrations", r.MigRounds, ""), at(r.GCRounds, lo), at(r.GCRounds, hi))
 }
 
 func rounds(v []float64) string {

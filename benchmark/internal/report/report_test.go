@@ -36,7 +36,9 @@ func synthetic() []Record {
 	for i := range recs {
 		recs[i].P50Rounds = []float64{recs[i].P50, recs[i].P50 * 1.1, recs[i].P50 * 0.9}
 		recs[i].CSWRounds = []float64{1, 2, 3}
+		recs[i].RunqRounds = []float64{10, 200, 5}
 	}
+	recs[0].P50Rounds = []float64{1, 3, 1}
 	return recs
 }
 
@@ -54,7 +56,8 @@ func TestWrite_ReportAndCharts(t *testing.T) {
 		"engine-latency-c1.svg", "kitex-throughput-c16.svg", "scale-throughput.svg", "test cpu",
 		"unix socket 1-byte round trip", "23.5", "1700", "## Every round of the key rows", "context switches / minor page faults",
 		"scale-memory.svg", "committed MiB per session", "4 MiB one at a time",
-		"## Goals (Kitex layer", "context switches per call at c=1"} {
+		"## Goals (Kitex layer", "context switches per call at c=1",
+		"round 2 3.00 µs against round 1 1.00 µs: waiting for a CPU 10.0 → 200 µs"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}
