@@ -24,11 +24,16 @@ vet:
 	cd prometheus && $(GO) vet ./...
 
 # An echo service over shared memory: starts the server, runs the client at
-# several payload sizes, prints what it did, stops the server.
+# several payload sizes over kshm and over plain Kitex (the same server's TCP
+# address), prints both side by side, stops the server.
 example:
 	$(GO) run ./example/run
 
-# Cross-process benchmarks: kshm against its baselines, alternated in rounds.
+# Cross-process benchmarks: kshm against its baselines, alternated in rounds,
+# with the machine's calibration. bench-quick (a few minutes) writes
+# benchmark/results/quick.json and results/quick/REPORT.md and prints every
+# round and kshm/baseline ratios round by round; bench (about 40 minutes)
+# writes results/full.json and results/REPORT.md.
 bench-quick:
 	cd benchmark && $(GO) run ./cmd/bench -mode quick
 

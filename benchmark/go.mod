@@ -65,5 +65,5 @@ require (
 	github.com/shirou/gopsutil/v3 v3.22.1 // indirect
 	github.com/shmkit/kshm v0.0.0-00010101000000-000000000000
 	github.com/yusufpapurcu/wmi v1.2.2 // indirect
-	golang.org/x/sys v0.50.0 // indirect
+	golang.org/x/sys v0.50.0
 )

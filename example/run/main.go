@@ -59,7 +59,7 @@ func run(sigCtx context.Context, args []string, stdout, stderr io.Writer) error 
 		wake        = fs.String("wake", "", "kshm wake mode for both sides: notify, poll or timed (empty: default)")
 		regionSize  = fs.Int("region-size", 0, "kshm region size in bytes for both sides (0: default)")
 		maxMessage  = fs.Int("max-message", 0, "largest message kshm carries in shared memory, both sides (0: default)")
-		compareTCP  = fs.Bool("compare-tcp", false, "client: also measure each size over plain Kitex on TCP, for comparison")
+		compareTCP  = fs.Bool("compare-tcp", true, "client: measure each size over plain Kitex on the server's TCP address too, side by side")
 		race        = fs.Bool("race", false, "build the server and client with the race detector")
 		readyWait   = fs.Duration("ready-timeout", 30*time.Second, "how long to wait for the server to be ready")
 		stopWait    = fs.Duration("stop-timeout", 15*time.Second, "how long to wait for the server to exit after SIGTERM")
@@ -160,11 +160,10 @@ func run(sigCtx context.Context, args []string, stdout, stderr io.Writer) error 
 	if *sizes != "" {
 		cliArgs = append(cliArgs, "-sizes", *sizes)
 	}
-	if *compareTCP {
-		cliArgs = append(cliArgs, "-compare-tcp")
-	}
-	// The client's own limit: every size's duration plus generous slack.
-	ctx, cancel := context.WithTimeout(sigCtx, 10*(*duration)+60*time.Second)
+	cliArgs = append(cliArgs, fmt.Sprintf("-compare-tcp=%v", *compareTCP))
+	// The client's own limit: every size's duration (twice with the
+	// comparison) plus generous slack.
+	ctx, cancel := context.WithTimeout(sigCtx, 20*(*duration)+60*time.Second)
 	defer cancel()
 	cli := exec.CommandContext(ctx, filepath.Join(dir, "client"), cliArgs...)
 	cli.Stdout, cli.Stderr = stdout, prefixWriter("client| ", stderr)

@@ -29,7 +29,7 @@ func TestBench_SmokeEveryTransport(t *testing.T) {
 		layers:   []string{"engine", "kitex"},
 		warmup:   10 * time.Millisecond,
 		duration: 30 * time.Millisecond, minCalls: 1, maxWindow: 2 * time.Second,
-		scale: []int{2}, out: out, reportDir: filepath.Join(t.TempDir(), "report"),
+		scale: []int{2}, heavy: 256 << 10, out: out, reportDir: filepath.Join(t.TempDir(), "report"),
 	}
 	skip := map[string]bool{}
 	if raceEnabled {
@@ -61,6 +61,22 @@ func TestBench_SmokeEveryTransport(t *testing.T) {
 		}
 		if r.Fallbacks > 0 {
 			t.Errorf("%s/%s %d B c%d: %d calls fell back", r.Layer, r.Transport, r.Size, r.Concurrency, r.Fallbacks)
+		}
+		if len(r.P50Rounds) != r.Rounds || len(r.CSWRounds) != r.Rounds || len(r.FltRounds) != r.Rounds {
+			t.Errorf("%s/%s %d B c%d: per-round values %v %v %v for %d rounds", r.Layer, r.Transport, r.Size, r.Concurrency,
+				r.P50Rounds, r.CSWRounds, r.FltRounds, r.Rounds)
+		}
+		if c := r.Machine.Calibration; c == nil || c.UDSRoundTripUS <= 0 || c.FutexRoundTripUS <= 0 || c.PageTouchUS <= 0 ||
+			c.MemcpyColdGBs <= 0 || (c.Pinned && c.CacheLineRoundTripNs <= 0) || len(c.Errors) > 0 {
+			t.Errorf("%s/%s: calibration %+v", r.Layer, r.Transport, c)
+		}
+		if r.Scale {
+			if r.HeavySize != 256<<10 || r.HeavyQPS <= 0 || r.HeavyFallbacks > 0 {
+				t.Errorf("%s scale: heavy client %d B, %v calls/s, %d fallbacks", r.Transport, r.HeavySize, r.HeavyQPS, r.HeavyFallbacks)
+			}
+			if r.Transport == "kshm" && (r.ServerShmCommittedKiB <= 0 || r.ServerMemfds < 2) {
+				t.Errorf("kshm scale: server commits %v KiB in %v memfds", r.ServerShmCommittedKiB, r.ServerMemfds)
+			}
 		}
 	}
 	for _, d := range allTransports() {

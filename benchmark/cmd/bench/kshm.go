@@ -42,9 +42,15 @@ const (
 // region large enough for every call in flight: each side holds one buffer
 // per call (its request, or its response), and the arena is a buddy
 // allocator, so a buffer takes the next power of two.
+//
+// The scale case runs the default configuration, as a sidecar's many
+// clients would.
 func kshmConfig(p params, mode shm.WakeMode) shm.Config {
 	cfg := shm.DefaultConfig()
 	cfg.WakeMode = mode
+	if p.scale {
+		return cfg
+	}
 	block := 512
 	for block < p.size {
 		block *= 2

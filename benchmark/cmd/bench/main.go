@@ -42,6 +42,9 @@ type options struct {
 	out        string
 	reportDir  string
 	scale      []int
+	summary    bool
+	scaleRole  bool // internal: this process is part of the scale case
+	heavy      int  // size of the scale case's heavy client (0: none)
 }
 
 func main() {
@@ -53,6 +56,8 @@ func main() {
 	flag.StringVar(&o.sock, "sock", "", "internal: socket path or address of the server")
 	flag.IntVar(&o.size, "size", 0, "internal: payload size in bytes")
 	flag.IntVar(&o.conc, "conc", 1, "internal: concurrent calls of the client")
+	flag.BoolVar(&o.scaleRole, "scale-case", false, "internal: the process is part of the scale case (default transport configuration)")
+	var heavy string
 	flag.DurationVar(&o.warmup, "warmup", 0, "warm-up per measurement (default by mode)")
 	flag.DurationVar(&o.duration, "duration", 0, "measured time per measurement (default by mode)")
 	flag.IntVar(&o.minCalls, "mincalls", 0, "calls a measurement window must hold at least (it grows up to -maxwindow; default by mode)")
@@ -62,9 +67,11 @@ func main() {
 	flag.StringVar(&concs, "concs", "", "comma-separated concurrencies (default by mode)")
 	flag.StringVar(&layers, "layers", "engine,kitex", "layers to run: engine, kitex")
 	flag.StringVar(&transports, "transports", "", "comma-separated transport names to run (default all available)")
+	flag.StringVar(&heavy, "heavy", "", "payload size of one extra heavy client in the scale case, e.g. 4M (default by mode; 0 disables)")
 	flag.StringVar(&scale, "scale", "", "comma-separated client-process counts for the scale case (default by mode; 0 disables)")
+	flag.BoolVar(&o.summary, "summary", false, "print the per-round summary and ratios at the end (always in -mode quick)")
 	flag.StringVar(&o.out, "out", "", "output file (default results/<mode>.json)")
-	flag.StringVar(&o.reportDir, "report", "-", "directory for REPORT.md and its charts (default results for -mode full, none otherwise; empty for none)")
+	flag.StringVar(&o.reportDir, "report", "-", "directory for REPORT.md and its charts (default results for -mode full, results/quick for -mode quick, none otherwise; empty for none)")
 	flag.Parse()
 
 	var err error
@@ -77,6 +84,12 @@ func main() {
 	if o.scale, err = parseList(scale); err != nil {
 		fatalf("-scale: %v", err)
 	}
+	o.heavy = -1
+	if h, err := parseList(heavy); err != nil || len(h) > 1 {
+		fatalf("-heavy: want one size")
+	} else if len(h) == 1 {
+		o.heavy = h[0]
+	}
 	o.layers = splitList(layers)
 	o.transports = splitList(transports)
 
@@ -85,6 +98,8 @@ func main() {
 		err = runServer(o)
 	case "client":
 		err = runClient(o)
+	case "echo":
+		err = runEcho()
 	case "":
 		err = orchestrate(o)
 	default:

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/shmkit/kshm/benchmark/internal/report"
+	"github.com/shmkit/kshm/shm"
 )
 
 // A case is one cell of the matrix; each round measures every case once per
@@ -23,6 +24,7 @@ type benchCase struct {
 	conc    int // concurrent calls per client process
 	clients int // client processes
 	scale   bool
+	heavy   int // the scale case's heavy client: its payload size (0: none)
 }
 
 type settings struct {
@@ -38,6 +40,7 @@ type settings struct {
 	scaleClients     []int
 	scaleSize        int
 	scaleConc        int
+	scaleHeavy       int // payload of one extra heavy client in the scale case (0: none)
 }
 
 func modeSettings(o options) (settings, error) {
@@ -49,15 +52,17 @@ func modeSettings(o options) (settings, error) {
 			warmup: 20 * time.Millisecond, duration: 80 * time.Millisecond,
 			kitexTransports: []string{"kshm", "netpoll-uds", "netpoll-tcp"},
 			kitexSizes:      []int{64, 16 << 10, 1 << 20},
-			sizes:           all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16},
-			scaleClients: nil, scaleSize: 1 << 10, scaleConc: 4}
+			// 1 KiB and 4 MiB are left to the full run: with the warm-ups a
+			// loaded 2-vCPU machine took 5.5 minutes for every size.
+			sizes: []int{64, 16 << 10, 64 << 10, 256 << 10, 1 << 20}, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16},
+			scaleClients: nil, scaleSize: 1 << 10, scaleConc: 1, scaleHeavy: 4 << 20}
 	case "full":
 		s = settings{rounds: 5, minCalls: 100, maxWindow: 3 * time.Second, warmup: 150 * time.Millisecond, duration: 500 * time.Millisecond,
 			sizes: all, engineConcs: []int{1, 16, 64}, kitexConcs: []int{1, 16, 64},
-			scaleClients: []int{1, 4, 16}, scaleSize: 1 << 10, scaleConc: 4}
+			scaleClients: []int{1, 16, 64, 100}, scaleSize: 1 << 10, scaleConc: 1, scaleHeavy: 4 << 20}
 	case "custom":
 		s = settings{rounds: 3, minCalls: 50, maxWindow: 2 * time.Second, warmup: 100 * time.Millisecond, duration: 500 * time.Millisecond,
-			sizes: all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16}, scaleSize: 1 << 10, scaleConc: 4}
+			sizes: all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16}, scaleSize: 1 << 10, scaleConc: 1, scaleHeavy: 4 << 20}
 	default:
 		return s, fmt.Errorf("unknown -mode %q (quick, full or custom)", o.mode)
 	}
@@ -88,6 +93,9 @@ func modeSettings(o options) (settings, error) {
 	if len(o.concs) > 0 {
 		s.engineConcs, s.kitexConcs = o.concs, o.concs
 	}
+	if o.heavy >= 0 {
+		s.scaleHeavy = o.heavy
+	}
 	if len(o.scale) > 0 {
 		s.scaleClients = nil
 		for _, n := range o.scale {
@@ -114,6 +122,23 @@ type roundResult struct {
 	serverRSS, serverShmem    float64 // KiB
 	clientRSS, clientShmem    float64 // KiB per client process
 	fallbacks                 uint64  // calls that did not go through shared memory
+	// Per call, both processes together unless named: context switches
+	// (voluntary+involuntary), involuntary ones alone, minor page faults,
+	// CPU migrations of threads, µs threads waited runnable for a CPU.
+	csw, clientCSW, serverCSW, ivcsw   float64
+	minflt, clientMinflt, serverMinflt float64
+	migrations, runqWait               float64
+	gcs                                float64 // GC cycles in the window, both processes
+	// Go scheduler latency (/sched/latencies:seconds) in the window, µs:
+	// the client's (the worst client process) and the server's.
+	clientSchedP50, clientSchedP99, serverSchedP50, serverSchedP99 float64
+	// Shared memory the server holds: committed (allocated pages) and
+	// mapped bytes of the distinct memfds it maps, KiB, and their number.
+	serverShmCommitted, serverShmMapped float64
+	serverMemfds                        int
+	// The scale case's heavy client: p50 µs, calls per second, fallbacks.
+	heavyP50, heavyQPS float64
+	heavyFallbacks     uint64
 }
 
 type orchestrator struct {
@@ -203,7 +228,8 @@ func orchestrate(o options) error {
 	}
 	if len(scaleDefs) > 0 {
 		for _, n := range set.scaleClients {
-			cases = append(cases, benchCase{layer: "engine", size: set.scaleSize, conc: set.scaleConc, clients: n, scale: true})
+			cases = append(cases, benchCase{layer: "engine", size: set.scaleSize, conc: set.scaleConc, clients: n, scale: true,
+				heavy: set.scaleHeavy})
 		}
 	}
 
@@ -226,6 +252,9 @@ func orchestrate(o options) error {
 	meta := machineInfo()
 	fmt.Fprintf(os.Stderr, "bench: mode %s, %d rounds x %d measurements, %v warm-up + %v each; %s, %d cpus, go %s, load %s\n",
 		o.mode, set.rounds, or.total/set.rounds, set.warmup, set.duration, meta.CPU, meta.Cores, meta.Go, meta.LoadAvg)
+	cal := calibrate(self)
+	meta.Calibration = &cal
+	fmt.Fprintf(os.Stderr, "bench: calibration: %s\n", cal)
 
 	type key struct {
 		id string
@@ -260,8 +289,9 @@ func orchestrate(o options) error {
 				if r.fallbacks > 0 {
 					fb = fmt.Sprintf(" FALLBACKS %d/%d", r.fallbacks, r.calls)
 				}
-				fmt.Fprintf(os.Stderr, "%s p50 %s p99 %s %s/s cpu %.1fµs/call allocs %.1f%s%s%s\n",
-					or.prefix(round, d, c), fmtUs(r.p50), fmtUs(r.p99), fmtCount(r.qps), r.cpu, r.allocs, fb, took, or.eta())
+				fmt.Fprintf(os.Stderr, "%s p50 %s p99 %s %s/s cpu %.1fµs csw %.2f flt %.2f mig %.2f gc %.0f /call allocs %.1f%s%s%s\n",
+					or.prefix(round, d, c), fmtUs(r.p50), fmtUs(r.p99), fmtCount(r.qps), r.cpu, r.csw, r.minflt, r.migrations,
+					r.gcs, r.allocs, fb, took, or.eta())
 			}
 		}
 		meta.LoadEnd = loadAvg()
@@ -274,20 +304,40 @@ func orchestrate(o options) error {
 			return err
 		}
 	}
+	// The machine again at the end: a calibration that moved says the
+	// machine changed under the run.
+	calEnd := calibrate(self)
+	meta.CalibrationEnd = &calEnd
+	meta.LoadEnd = loadAvg()
+	fmt.Fprintf(os.Stderr, "bench: calibration at the end: %s; load %s\n", calEnd, meta.LoadEnd)
+	recs := make([]record, 0, len(order))
+	for _, k := range order {
+		d, _ := findTransport(k.id)
+		recs = append(recs, aggregate(d, k.c, results[k], failures[k], meta))
+	}
+	if err := writeJSON(out, recs); err != nil {
+		return err
+	}
+	if o.mode == "quick" || o.summary {
+		printSummary(os.Stderr, recs)
+	}
 	fmt.Fprintf(os.Stderr, "bench: wrote %s (%d records) in %v\n", out, len(order), time.Since(or.started).Round(time.Second))
 	repDir := o.reportDir
 	if repDir == "-" {
 		repDir = ""
-		if o.mode == "full" {
+		switch o.mode {
+		case "full":
 			repDir = filepath.Dir(out)
+		case "quick":
+			repDir = filepath.Join(filepath.Dir(out), "quick")
 		}
 	}
 	if repDir == "" {
 		return nil
 	}
-	recs, err := report.Load(out)
+	lrecs, err := report.Load(out)
 	if err == nil {
-		err = report.Write(repDir, recs, report.Options{Source: "benchmark/" + filepath.ToSlash(out), Command: reproduce(o)})
+		err = report.Write(repDir, lrecs, report.Options{Source: "benchmark/" + filepath.ToSlash(out), Command: reproduce(o)})
 	}
 	if err != nil {
 		return fmt.Errorf("report: %w", err)
@@ -311,6 +361,9 @@ func (or *orchestrator) prefix(round int, d transportDef, c benchCase) string {
 	cl := ""
 	if c.scale {
 		cl = fmt.Sprintf(" x%dproc", c.clients)
+		if c.heavy > 0 {
+			cl += "+" + sizeName(c.heavy)
+		}
 	}
 	return fmt.Sprintf("[%3d/%d r%d/%d] %-6s %-11s %7s c%-2d%s:", or.done, or.total, round+1, or.set.rounds,
 		d.layer, d.name, sizeName(c.size), c.conc, cl)
@@ -360,11 +413,8 @@ func (or *orchestrator) address(d transportDef) (string, error) {
 }
 
 type serverSample struct {
-	at         time.Time
-	cpu        int64
-	mallocs    uint64
-	errors     int
-	rss, shmem int64
+	at time.Time
+	procSample
 }
 
 func queryServer(s *child) (serverSample, error) {
@@ -378,7 +428,11 @@ func queryServer(s *child) (serverSample, error) {
 	}
 	t1 := time.Now()
 	var v serverSample
-	if _, err := fmt.Sscanf(line, "u %d %d %d %d %d", &v.cpu, &v.mallocs, &v.errors, &v.rss, &v.shmem); err != nil {
+	js, ok := strings.CutPrefix(line, "u ")
+	if !ok {
+		return v, fmt.Errorf("server said %q, want a sample", line)
+	}
+	if err := json.Unmarshal([]byte(js), &v.procSample); err != nil {
 		return v, fmt.Errorf("server said %q: %v", line, err)
 	}
 	v.at = t0.Add(t1.Sub(t0) / 2)
@@ -400,8 +454,18 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 			fmt.Fprintf(os.Stderr, "  %-14s %6.1f ms\n", name, float64(time.Since(tStart).Microseconds())/1000)
 		}
 	}
-	common := []string{"-transport", d.id(), "-sock", addr, "-size", strconv.Itoa(c.size)}
-	srv, err := startChild("server", or.self, append([]string{"-role", "server", "-conc", strconv.Itoa(c.conc * c.clients)}, common...)...)
+	if c.scale {
+		if err := scaleMemoryCheck(d, c); err != nil {
+			return res, err
+		}
+	}
+	common := []string{"-transport", d.id(), "-sock", addr}
+	if c.scale {
+		common = append(common, "-scale-case")
+	}
+	srvArgs := append([]string{"-role", "server", "-conc", strconv.Itoa(c.conc*c.clients + min(c.heavy, 1)),
+		"-size", strconv.Itoa(max(c.size, c.heavy))}, common...)
+	srv, err := startChild("server", or.self, srvArgs...)
 	if err != nil {
 		return res, err
 	}
@@ -414,8 +478,17 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 			srv.kill()
 		}
 	}()
-	for i := 0; i < c.clients; i++ {
-		args := append([]string{"-role", "client", "-conc", strconv.Itoa(c.conc),
+	// The clients, and in the scale case the heavy client last.
+	nClients := c.clients
+	if c.heavy > 0 {
+		nClients++
+	}
+	for i := 0; i < nClients; i++ {
+		size := c.size
+		if i == c.clients {
+			size = c.heavy
+		}
+		args := append([]string{"-role", "client", "-conc", strconv.Itoa(c.conc), "-size", strconv.Itoa(size),
 			"-warmup", or.set.warmup.String(), "-duration", or.set.duration.String(),
 			"-mincalls", strconv.Itoa(or.set.minCalls), "-maxwindow", or.set.maxWindow.String()}, common...)
 		cl, err := startChild(fmt.Sprintf("client %d", i), or.self, args...)
@@ -463,11 +536,12 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 			return res, cl.failure(err.Error())
 		}
 	}
-	var h hist
-	var window, clientCPU int64
-	var clientMallocs, fallbacks uint64
+	var h, heavyHist hist
+	var window int64
+	var cd procDelta // the client processes together
 	var clientRSS, clientShmem float64
-	for _, cl := range clients {
+	var heavyFallbacks uint64
+	for i, cl := range clients {
 		line, err := cl.recv(30 * time.Second)
 		if err != nil {
 			return res, err
@@ -480,21 +554,37 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		if err := json.Unmarshal([]byte(js), &r); err != nil {
 			return res, err
 		}
+		// The heavy client's calls are kept apart from the light ones'.
+		hh := &h
+		if i == c.clients {
+			hh = &heavyHist
+			heavyFallbacks = r.Proc.Fallbacks
+		}
 		for _, b := range r.Hist {
-			if b[0] < uint64(len(h.counts)) {
-				h.counts[b[0]] += b[1]
-				h.n += b[1]
+			if b[0] < uint64(len(hh.counts)) {
+				hh.counts[b[0]] += b[1]
+				hh.n += b[1]
 			}
 		}
-		if uint64(r.MaxNs) > h.max {
-			h.max = uint64(r.MaxNs)
+		if uint64(r.MaxNs) > hh.max {
+			hh.max = uint64(r.MaxNs)
 		}
 		window = max(window, r.WindowNs)
-		clientCPU += r.CPUNs
-		clientMallocs += r.Mallocs
-		fallbacks += r.Fallbacks
-		clientRSS += float64(r.RSSKiB) / float64(c.clients)
-		clientShmem += float64(r.ShmemKiB) / float64(c.clients)
+		p := r.Proc
+		cd.CPUNs += p.CPUNs
+		cd.Mallocs += p.Mallocs
+		cd.Fallbacks += p.Fallbacks
+		cd.VCSW += p.VCSW
+		cd.IVCSW += p.IVCSW
+		cd.MinFlt += p.MinFlt
+		cd.MajFlt += p.MajFlt
+		cd.Migrations += p.Migrations
+		cd.RunqWaitNs += p.RunqWaitNs
+		cd.GCs += p.GCs
+		cd.SchedP50Ns = max(cd.SchedP50Ns, p.SchedP50Ns)
+		cd.SchedP99Ns = max(cd.SchedP99Ns, p.SchedP99Ns)
+		clientRSS += float64(r.RSSKiB) / float64(nClients)
+		clientShmem += float64(r.ShmemKiB) / float64(nClients)
 	}
 	phase("results")
 	// Stop everyone at once; the server needs no graceful shutdown.
@@ -511,8 +601,8 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		return res, err
 	}
 	phase("server exited")
-	if s1.errors > 0 {
-		return res, fmt.Errorf("server reported %d errors; its output ends:\n%s", s1.errors, indent(srv.logs.String()))
+	if s1.Errors > 0 {
+		return res, fmt.Errorf("server reported %d errors; its output ends:\n%s", s1.Errors, indent(srv.logs.String()))
 	}
 	if h.n == 0 || window <= 0 {
 		return res, fmt.Errorf("no call completed in the window")
@@ -525,21 +615,43 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		scale = 1
 	}
 	calls := float64(h.n)
-	serverCPU := float64(s1.cpu-s0.cpu) * scale
+	sd := s1.sub(s0.procSample)
+	perCall := func(v int64) float64 { return float64(v) / calls }
+	// The server's counts, scaled to the clients' window.
+	srvPerCall := func(v int64) float64 { return float64(v) * scale / calls }
 	res = roundResult{
 		calls: h.n,
 		p50:   h.quantile(0.5) / 1e3, p99: h.quantile(0.99) / 1e3, p999: h.quantile(0.999) / 1e3, max: float64(h.max) / 1e3,
 		qps:          calls / (float64(window) / 1e9),
-		clientCPU:    float64(clientCPU) / calls / 1e3,
-		serverCPU:    serverCPU / calls / 1e3,
-		allocs:       float64(clientMallocs) / calls,
-		serverAllocs: float64(s1.mallocs-s0.mallocs) * scale / calls,
-		serverRSS:    float64(s1.rss),
-		serverShmem:  float64(s1.shmem),
+		clientCPU:    perCall(cd.CPUNs) / 1e3,
+		serverCPU:    srvPerCall(sd.CPUNs) / 1e3,
+		allocs:       float64(cd.Mallocs) / calls,
+		serverAllocs: float64(sd.Mallocs) * scale / calls,
+		serverRSS:    float64(s1.RSSKiB),
+		serverShmem:  float64(s1.ShmemKiB),
 		clientRSS:    clientRSS,
 		clientShmem:  clientShmem,
-		fallbacks:    fallbacks,
+		fallbacks:    cd.Fallbacks + sd.Fallbacks,
+		clientCSW:    perCall(cd.VCSW + cd.IVCSW),
+		serverCSW:    srvPerCall(sd.VCSW + sd.IVCSW),
+		ivcsw:        perCall(cd.IVCSW) + srvPerCall(sd.IVCSW),
+		clientMinflt: perCall(cd.MinFlt),
+		serverMinflt: srvPerCall(sd.MinFlt),
+		migrations:   perCall(cd.Migrations) + srvPerCall(sd.Migrations),
+		runqWait:     (perCall(cd.RunqWaitNs) + srvPerCall(sd.RunqWaitNs)) / 1e3,
+		gcs:          float64(cd.GCs + sd.GCs),
+
+		clientSchedP50: cd.SchedP50Ns / 1e3, clientSchedP99: cd.SchedP99Ns / 1e3,
+		serverSchedP50: sd.SchedP50Ns / 1e3, serverSchedP99: sd.SchedP99Ns / 1e3,
 	}
+	res.serverShmCommitted, res.serverShmMapped, res.serverMemfds = float64(s1.ShmCommittedKiB), float64(s1.ShmMappedKiB), s1.Memfds
+	if heavyHist.n > 0 {
+		res.heavyP50 = heavyHist.quantile(0.5) / 1e3
+		res.heavyQPS = float64(heavyHist.n) / (float64(window) / 1e9)
+		res.heavyFallbacks = heavyFallbacks
+	}
+	res.csw = res.clientCSW + res.serverCSW
+	res.minflt = res.clientMinflt + res.serverMinflt
 	res.cpu = res.clientCPU + res.serverCPU
 	return res, nil
 }
@@ -574,4 +686,51 @@ func round3(v float64) float64 {
 	s := strconv.FormatFloat(v, 'g', 4, 64)
 	f, _ := strconv.ParseFloat(s, 64)
 	return f
+}
+
+// scaleMemoryCheck refuses a scale case whose shared memory could take more
+// than half the memory the machine has available: a machine shared with
+// others must not be pushed into the OOM killer by a benchmark. The
+// estimate is each transport's committed memory per client process with
+// its default configuration (kshm commits its region on each side when the
+// session starts; shmipc-go's client maps its buffer capacity).
+func scaleMemoryCheck(d transportDef, c benchCase) error {
+	var perClient, heavy int64
+	switch {
+	case d.layer == "engine" && strings.HasPrefix(d.name, "kshm"):
+		perClient = 2 * int64(shm.DefaultConfig().RegionSize)
+		heavy = perClient
+	case d.name == "shmipc-go":
+		capacity, _ := shmipcSliceSizes(c.size, c.conc)
+		perClient = int64(capacity)
+		hc, _ := shmipcSliceSizes(c.heavy, 1)
+		heavy = int64(hc)
+	}
+	need := perClient * int64(c.clients)
+	if c.heavy > 0 {
+		need += heavy
+	}
+	avail := memAvailable()
+	if avail > 0 && need > avail/2 {
+		return fmt.Errorf("skipped: %d client processes would commit about %d MiB of shared memory, more than half the %d MiB available",
+			c.clients, need>>20, avail>>20)
+	}
+	return nil
+}
+
+// memAvailable is MemAvailable from /proc/meminfo, in bytes (0 if unknown).
+func memAvailable() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "MemAvailable:"); ok {
+			n, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err == nil {
+				return n << 10
+			}
+		}
+	}
+	return 0
 }

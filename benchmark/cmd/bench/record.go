@@ -36,17 +36,56 @@ type record struct {
 	ServerShmemKiB      float64 `json:"server_shmem_kib"` // RssShmem: shared memory resident in the server
 	ClientRSSKiB        float64 `json:"client_rss_kib"`   // per client process
 	ClientShmemKiB      float64 `json:"client_shmem_kib"` // per client process
+	// The memfds the server maps, each counted once: the memory their pages
+	// take (committed) and their sizes (mapped), KiB, and how many.
+	ServerShmCommittedKiB float64 `json:"server_shm_committed_kib"`
+	ServerShmMappedKiB    float64 `json:"server_shm_mapped_kib"`
+	ServerMemfds          float64 `json:"server_memfds"`
+	// The scale case's heavy client (one more process, one call at a time):
+	// its payload size, p50, calls per second and fallbacks (all rounds).
+	HeavySize      int     `json:"heavy_size,omitempty"`
+	HeavyP50US     float64 `json:"heavy_p50_us,omitempty"`
+	HeavyQPS       float64 `json:"heavy_qps,omitempty"`
+	HeavyFallbacks uint64  `json:"heavy_fallbacks,omitempty"`
+
+	// What explains the numbers, per call and both processes together unless
+	// named: context switches of all threads (voluntary+involuntary,
+	// getrusage) and the involuntary ones alone (preemptions), minor page
+	// faults, CPU migrations of threads, and the time threads waited
+	// runnable for a CPU (µs; /proc/self/task/*/schedstat).
+	CSWPerCall          float64 `json:"csw_per_call"`
+	ClientCSWPerCall    float64 `json:"client_csw_per_call"`
+	ServerCSWPerCall    float64 `json:"server_csw_per_call"`
+	InvolCSWPerCall     float64 `json:"involuntary_csw_per_call"`
+	MinFltPerCall       float64 `json:"minflt_per_call"`
+	ClientMinFltPerCall float64 `json:"client_minflt_per_call"`
+	ServerMinFltPerCall float64 `json:"server_minflt_per_call"`
+	MigrationsPerCall   float64 `json:"migrations_per_call"`
+	RunqWaitUSPerCall   float64 `json:"runq_wait_us_per_call"`
+	GCsPerRound         float64 `json:"gcs_per_round"` // GC cycles in a window, both processes
+	// The Go scheduler's latency (/sched/latencies:seconds: how long
+	// goroutines waited runnable) in the window, µs, per process.
+	ClientSchedP50US float64 `json:"client_sched_p50_us"`
+	ClientSchedP99US float64 `json:"client_sched_p99_us"`
+	ServerSchedP50US float64 `json:"server_sched_p50_us"`
+	ServerSchedP99US float64 `json:"server_sched_p99_us"`
 
 	// Spreads are (max-min)/median over the rounds, as fractions.
-	P50Spread float64   `json:"p50_spread"`
-	P99Spread float64   `json:"p99_spread"`
-	QPSSpread float64   `json:"qps_spread"`
-	CPUSpread float64   `json:"cpu_spread"`
-	P50Rounds []float64 `json:"p50_us_rounds"`
-	QPSRounds []float64 `json:"qps_rounds"`
-	CPURounds []float64 `json:"cpu_us_per_call_rounds"`
-	Rounds    int       `json:"rounds"`
-	Calls     uint64    `json:"calls"` // measured calls, all rounds together
+	P50Spread      float64   `json:"p50_spread"`
+	P99Spread      float64   `json:"p99_spread"`
+	QPSSpread      float64   `json:"qps_spread"`
+	CPUSpread      float64   `json:"cpu_spread"`
+	P50Rounds      []float64 `json:"p50_us_rounds"`
+	QPSRounds      []float64 `json:"qps_rounds"`
+	CPURounds      []float64 `json:"cpu_us_per_call_rounds"`
+	P99Rounds      []float64 `json:"p99_us_rounds"`
+	CSWRounds      []float64 `json:"csw_per_call_rounds"`
+	FltRounds      []float64 `json:"minflt_per_call_rounds"`
+	MigRounds      []float64 `json:"migrations_per_call_rounds"`
+	GCRounds       []float64 `json:"gcs_rounds"`
+	RunqWaitRounds []float64 `json:"runq_wait_us_per_call_rounds"`
+	Rounds         int       `json:"rounds"`
+	Calls          uint64    `json:"calls"` // measured calls, all rounds together
 	// Fallbacks counts measured calls (all rounds) that went over Kitex's
 	// netpoll fallback or the session socket instead of shared memory.
 	Fallbacks uint64   `json:"fallbacks"`
@@ -69,8 +108,12 @@ type machine struct {
 	// anything else running on the machine skews the numbers.
 	LoadAvg string `json:"loadavg"`
 	LoadEnd string `json:"loadavg_end,omitempty"`
-	Date    string `json:"-"`
-	Commit  string `json:"-"`
+	// Calibration is what the machine's basic operations cost at the start
+	// of the run, and CalibrationEnd at its end.
+	Calibration    *calibration `json:"calibration,omitempty"`
+	CalibrationEnd *calibration `json:"calibration_end,omitempty"`
+	Date           string       `json:"-"`
+	Commit         string       `json:"-"`
 }
 
 func machineInfo() machine {
@@ -126,7 +169,6 @@ func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m m
 	rec := record{
 		Layer: d.layer, Transport: d.name, Size: c.size, Concurrency: c.conc * c.clients, Clients: c.clients,
 		Scale: c.scale, Rounds: len(rs), Errors: errs, Machine: m, Date: m.Date, Commit: m.Commit,
-		P50Rounds: []float64{}, QPSRounds: []float64{}, CPURounds: []float64{},
 	}
 	col := func(f func(r roundResult) float64) []float64 {
 		v := make([]float64, len(rs))
@@ -152,17 +194,52 @@ func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m m
 	rec.ServerShmemKiB = med(func(r roundResult) float64 { return r.serverShmem })
 	rec.ClientRSSKiB = med(func(r roundResult) float64 { return r.clientRSS })
 	rec.ClientShmemKiB = med(func(r roundResult) float64 { return r.clientShmem })
+	rec.ServerShmCommittedKiB = med(func(r roundResult) float64 { return r.serverShmCommitted })
+	rec.ServerShmMappedKiB = med(func(r roundResult) float64 { return r.serverShmMapped })
+	rec.ServerMemfds = med(func(r roundResult) float64 { return float64(r.serverMemfds) })
+	if c.heavy > 0 {
+		rec.HeavySize = c.heavy
+		rec.HeavyP50US = med(func(r roundResult) float64 { return r.heavyP50 })
+		rec.HeavyQPS = med(func(r roundResult) float64 { return r.heavyQPS })
+	}
+	rec.CSWPerCall = med(func(r roundResult) float64 { return r.csw })
+	rec.ClientCSWPerCall = med(func(r roundResult) float64 { return r.clientCSW })
+	rec.ServerCSWPerCall = med(func(r roundResult) float64 { return r.serverCSW })
+	rec.InvolCSWPerCall = med(func(r roundResult) float64 { return r.ivcsw })
+	rec.MinFltPerCall = med(func(r roundResult) float64 { return r.minflt })
+	rec.ClientMinFltPerCall = med(func(r roundResult) float64 { return r.clientMinflt })
+	rec.ServerMinFltPerCall = med(func(r roundResult) float64 { return r.serverMinflt })
+	rec.MigrationsPerCall = med(func(r roundResult) float64 { return r.migrations })
+	rec.RunqWaitUSPerCall = med(func(r roundResult) float64 { return r.runqWait })
+	rec.GCsPerRound = med(func(r roundResult) float64 { return r.gcs })
+	rec.ClientSchedP50US = med(func(r roundResult) float64 { return r.clientSchedP50 })
+	rec.ClientSchedP99US = med(func(r roundResult) float64 { return r.clientSchedP99 })
+	rec.ServerSchedP50US = med(func(r roundResult) float64 { return r.serverSchedP50 })
+	rec.ServerSchedP99US = med(func(r roundResult) float64 { return r.serverSchedP99 })
 	p50 := col(func(r roundResult) float64 { return r.p50 })
 	qps := col(func(r roundResult) float64 { return r.qps })
 	cpu := col(func(r roundResult) float64 { return r.cpu })
 	rec.P50Spread, rec.QPSSpread, rec.CPUSpread = spread(p50), spread(qps), spread(cpu)
 	rec.P99Spread = spread(col(func(r roundResult) float64 { return r.p99 }))
+	rounds := func(f func(r roundResult) float64) []float64 {
+		v := col(f)
+		for i := range v {
+			v[i] = round3(v[i])
+		}
+		return v
+	}
+	rec.P50Rounds, rec.QPSRounds, rec.CPURounds = rounds(func(r roundResult) float64 { return r.p50 }),
+		rounds(func(r roundResult) float64 { return r.qps }), rounds(func(r roundResult) float64 { return r.cpu })
+	rec.P99Rounds = rounds(func(r roundResult) float64 { return r.p99 })
+	rec.CSWRounds = rounds(func(r roundResult) float64 { return r.csw })
+	rec.FltRounds = rounds(func(r roundResult) float64 { return r.minflt })
+	rec.MigRounds = rounds(func(r roundResult) float64 { return r.migrations })
+	rec.GCRounds = rounds(func(r roundResult) float64 { return r.gcs })
+	rec.RunqWaitRounds = rounds(func(r roundResult) float64 { return r.runqWait })
 	for i := range rs {
-		rec.P50Rounds = append(rec.P50Rounds, round3(p50[i]))
-		rec.QPSRounds = append(rec.QPSRounds, round3(qps[i]))
-		rec.CPURounds = append(rec.CPURounds, round3(cpu[i]))
 		rec.Calls += rs[i].calls
 		rec.Fallbacks += rs[i].fallbacks
+		rec.HeavyFallbacks += rs[i].heavyFallbacks
 	}
 	return rec
 }

@@ -6,12 +6,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"runtime/pprof"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 )
 
@@ -19,23 +17,8 @@ import (
 // way: the child reads its stdin and writes to file descriptor 3 (so that
 // whatever a library prints on stdout cannot be mistaken for control):
 //
-//	server: "ready"; orchestrator: "q" -> "u <cpu_ns> <mallocs> <errors> <rss_kib> <shmem_kib>"
+//	server: "ready"; orchestrator: "q" -> "u <procSample as JSON>"
 //	client: orchestrator "start"; "warm" -> "go"; "end" -> "stop"; then "result <json>" (or "error <text>" at any time)
-
-// cpuNanos is this process's user+system time from getrusage.
-func cpuNanos() int64 {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return ru.Utime.Nano() + ru.Stime.Nano()
-}
-
-func mallocs() uint64 {
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	return ms.Mallocs
-}
 
 // With KSHM_BENCH_CPUPROFILE=dir, every server and client process writes a
 // CPU profile of its measurement window to dir/<role>-<transport>-<size>-c<conc>-<pid>.prof.
@@ -78,12 +61,16 @@ func runServer(o options) error {
 		return err
 	}
 	var fails firstError
-	srv, err := def.serve(params{sock: o.sock, size: o.size, conc: o.conc}, func(err error) {
+	srv, err := def.serve(params{sock: o.sock, size: o.size, conc: o.conc, scale: o.scaleRole}, func(err error) {
 		fails.set(err)
 		fmt.Fprintf(os.Stderr, "bench server %s: %v\n", def.id(), err)
 	})
 	if err != nil {
 		return fmt.Errorf("%s server: %w", def.id(), err)
+	}
+	var srvFallbacks func() uint64
+	if f, ok := srv.(interface{ fallbacks() uint64 }); ok {
+		srvFallbacks = f.fallbacks
 	}
 	fmt.Fprintln(ctl, "ready")
 	in := bufio.NewScanner(os.Stdin)
@@ -98,8 +85,13 @@ func runServer(o options) error {
 				stopProfile()
 			}
 			_, n := fails.get()
-			rss, shmem := memKiB()
-			fmt.Fprintf(ctl, "u %d %d %d %d %d\n", cpuNanos(), mallocs(), n, rss, shmem)
+			v := takeSample(srvFallbacks)
+			v.Errors = n
+			b, err := json.Marshal(v)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(ctl, "u %s\n", b)
 		case "quit":
 			return nil
 		}
@@ -118,13 +110,12 @@ type clientResult struct {
 	P99Ns    float64 `json:"p99_ns"`
 	P999Ns   float64 `json:"p999_ns"`
 	MaxNs    float64 `json:"max_ns"`
-	CPUNs    int64   `json:"cpu_ns"`
-	Mallocs  uint64  `json:"mallocs"`
-	// Fallbacks counts calls that did not go through shared memory (kshm
-	// Kitex transport only).
-	Fallbacks uint64 `json:"fallbacks"`
-	RSSKiB    int64  `json:"rss_kib"`
-	ShmemKiB  int64  `json:"shmem_kib"`
+	// Proc is what the window cost the client process (CPU, allocations,
+	// context switches, page faults, scheduler latencies, and the calls
+	// that did not go through shared memory).
+	Proc     procDelta `json:"proc"`
+	RSSKiB   int64     `json:"rss_kib"`
+	ShmemKiB int64     `json:"shmem_kib"`
 	// Hist is the latency histogram as (bucket, count) pairs, so the
 	// orchestrator can merge the clients of the scale case exactly.
 	Hist [][2]uint64 `json:"hist"`
@@ -174,7 +165,7 @@ func runClient(o options) error {
 	if err := expect("start"); err != nil {
 		return err
 	}
-	p := params{sock: o.sock, size: o.size, conc: o.conc}
+	p := params{sock: o.sock, size: o.size, conc: o.conc, scale: o.scaleRole}
 	cs, err := def.dial(p)
 	if err != nil {
 		return report(fmt.Errorf("%s dial: %w", def.id(), err))
@@ -245,15 +236,33 @@ func runClient(o options) error {
 		}
 		return fb.fallbacks()
 	}
+	// Every transport makes at least four calls per caller, so that each
+	// caller's buffers have been used before the window opens, and moves
+	// 128 MiB each way (up to 256 calls): a process's first megabytes of
+	// Go heap (Kitex's decode and encode buffers, its pools) are fresh pages,
+	// each first touch a page fault of 10-40 µs on a small VM, and a Kitex
+	// call at 1 MiB measured 8-13 ms with 300-450 faults and 100 allocations
+	// per call in its first 100 ms, 1.2-2.5 ms with 35-110 faults and 30
+	// allocations once warm. A transport that cycles through its buffers
+	// (shmipc-go takes them from a FIFO free list) asks for enough calls to
+	// have touched each buffer once (warmCalls): the first touch of each page
+	// of shared memory costs a page fault in both processes, which a
+	// long-running user pays once, not on every call.
+	warmCalls := max(4*o.conc, min(256, (128<<20)/max(o.size, 1)))
+	if w, ok := cs.(interface{ warmCalls() int }); ok {
+		warmCalls = max(warmCalls, w.warmCalls())
+	}
 	// Warm up; a transport that can fall back (kshm's Kitex transport, while
 	// its session is being set up) warms up until a whole warm-up period
-	// passes without fallbacks, for up to five seconds.
+	// passes without fallbacks, for up to five seconds (ten for the buffers'
+	// first touch).
 	for start := time.Now(); ; {
 		f := fallbacks()
 		if err := sleep(o.warmup); err != nil {
 			return report(err)
 		}
-		if fallbacks() == f || time.Since(start) > 5*time.Second {
+		cold := seq.Load() < uint64(warmCalls) && time.Since(start) < 10*time.Second
+		if (fallbacks() == f || time.Since(start) > 5*time.Second) && !cold {
 			break
 		}
 	}
@@ -263,7 +272,7 @@ func runClient(o options) error {
 		return err
 	}
 	startProfile("client")
-	f0, m0, c0, t0 := fallbacks(), mallocs(), cpuNanos(), time.Now()
+	s0, t0 := takeSample(fallbacks), time.Now()
 	phase.Store(phaseMeasure)
 	if err := sleep(o.duration); err != nil {
 		return report(err)
@@ -278,7 +287,7 @@ func runClient(o options) error {
 		}
 	}
 	phase.Store(phaseCool)
-	t1, c1, m1, f1 := time.Now(), cpuNanos(), mallocs(), fallbacks()
+	t1, s1 := time.Now(), takeSample(fallbacks)
 	stopProfile()
 	fmt.Fprintln(ctl, "end")
 	if err := expect("stop"); err != nil {
@@ -296,9 +305,8 @@ func runClient(o options) error {
 	res := clientResult{
 		Calls: h.n, WindowNs: t1.Sub(t0).Nanoseconds(),
 		P50Ns: h.quantile(0.50), P99Ns: h.quantile(0.99), P999Ns: h.quantile(0.999), MaxNs: float64(h.max),
-		CPUNs: c1 - c0, Mallocs: m1 - m0, Fallbacks: f1 - f0,
+		Proc: s1.sub(s0), RSSKiB: s1.RSSKiB, ShmemKiB: s1.ShmemKiB,
 	}
-	res.RSSKiB, res.ShmemKiB = memKiB()
 	for i, n := range h.counts {
 		if n != 0 {
 			res.Hist = append(res.Hist, [2]uint64{uint64(i), n})

@@ -10,6 +10,10 @@ type params struct {
 	sock string // socket path (or host:port for TCP) the server listens on
 	size int    // payload bytes of each request and each response
 	conc int    // concurrent calls of the client
+	// scale: the scale case. Each transport runs its default configuration
+	// (kshm's default region and message size), and a server takes requests
+	// of any size up to size (the light clients' and the heavy client's).
+	scale bool
 }
 
 // clientSide is a connected client: one caller per concurrent worker.

@@ -116,9 +116,11 @@ func serveUDS(p params, fail func(error)) (serverSide, error) {
 	return s, nil
 }
 
+// serveUDSConn serves requests of up to size bytes, with a buffer that
+// grows to the largest request seen.
 func serveUDSConn(conn net.Conn, size int) error {
 	defer conn.Close()
-	buf := make([]byte, udsHeader+size)
+	buf := make([]byte, udsHeader)
 	for {
 		if _, err := io.ReadFull(conn, buf[:udsHeader]); err != nil {
 			if peerGone(err) {
@@ -129,6 +131,9 @@ func serveUDSConn(conn net.Conn, size int) error {
 		n := int(binary.LittleEndian.Uint32(buf))
 		if n > size {
 			return fmt.Errorf("uds: request of %d bytes, max %d", n, size)
+		}
+		if len(buf) < udsHeader+n {
+			buf = append(buf[:udsHeader], make([]byte, n)...)
 		}
 		payload := buf[udsHeader : udsHeader+n]
 		if _, err := io.ReadFull(conn, payload); err != nil {

@@ -20,6 +20,27 @@ func us(v float64) string {
 	return fmt.Sprintf("%.2f", v)
 }
 
+// num formats a plain number with about three significant digits.
+func num(v float64) string {
+	switch {
+	case v == 0:
+		return "0"
+	case v >= 100:
+		return fmt.Sprintf("%.0f", v)
+	case v >= 10:
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.2f", v)
+}
+
+// usUnit is us with its unit: "850 µs", "13.5 ms".
+func usUnit(v float64) string {
+	if v >= 10000 {
+		return us(v)
+	}
+	return us(v) + " µs"
+}
+
 func count(v float64) string {
 	switch {
 	case v == 0:
@@ -74,20 +95,26 @@ func (d *data) markdown(b *strings.Builder, source, command string, charts map[s
 		fmt.Fprintf(b, "- Load average (1, 5, 15 min) at the start: %s; at the end: %s. With 2 cores, anything above ~1 "+
 			"besides the benchmark means other work competed with it for the CPU.\n", m.LoadAvg, m.LoadEnd)
 	}
+	d.calibrationSection(b)
 	fmt.Fprintf(b, "- Method: client and server in separate processes; every request and response payload is written in full "+
 		"by its sender and read (verified) in full by its receiver. Transports run back to back within each round, their order "+
 		"rotating from round to round; each figure is the median of %d rounds, and ±x%% is half the spread "+
 		"(max-min)/median of the rounds. CPU is user+system time (getrusage) of both processes over the measurement "+
-		"window, divided by the calls completed in it; allocations are the client process's Go heap allocations per call.\n\n", rounds)
+		"window, divided by the calls completed in it; allocations are the client process's Go heap allocations per call. "+
+		"Context switches (voluntary+involuntary, all threads, getrusage), minor page faults, CPU migrations and the time "+
+		"threads waited runnable for a CPU (schedstat) are those of both processes over the window, per call; the Go scheduler "+
+		"latency is the p99 of /sched/latencies:seconds in the window, client / server.\n\n", rounds)
 
 	d.headline(b, charts)
 	d.goals(b)
+	d.kitexGoals(b)
 	for _, layer := range []string{"engine", "kitex"} {
 		if len(d.concs(layer)) == 0 {
 			continue
 		}
 		d.layerSection(b, layer, charts[layer])
 	}
+	d.roundsSection(b)
 	d.scaleSection(b, charts["scale"])
 	d.notAhead(b)
 	var failed []string
@@ -232,7 +259,8 @@ func (d *data) layerSection(b *strings.Builder, layer string, charts []chart) {
 		b.WriteString("`kshm` is package shm in its default notify mode, `kshm-poll` and `kshm-timed` its other wake-up modes; " +
 			"`uds` is a plain unix socket with length-prefixed frames, one connection per concurrent caller; `shmipc-go` is " +
 			"github.com/cloudwego/shmipc-go v0.2.0 with memfd memory, one stream per concurrent caller, its buffer slices sized " +
-			"for the payload as in its own benchmark.\n\n")
+			"for the payload as in its own benchmark, warmed up until it has used every slice of its FIFO free list once " +
+			"(each first touch of a page is a page fault in both processes), with no call falling back to its unix socket.\n\n")
 	} else {
 		b.WriteString("The same kitex-generated EchoService client and handler over each transport (TTHeaderFramed, a " +
 			"long-connection pool holding one connection per concurrent caller); the handler verifies the request payload and " +
@@ -266,6 +294,39 @@ func (d *data) layerSection(b *strings.Builder, layer string, charts []chart) {
 		table(b, head, thr)
 		fmt.Fprintf(b, "CPU µs per call, both processes (client heap allocations per call)\n\n")
 		table(b, head, cpu)
+		var expl [][]string
+		for _, size := range d.sizes(layer) {
+			e := []string{SizeName(size)}
+			for _, t := range ts {
+				r, ok := d.get(layer, t, size, conc)
+				if !ok {
+					e = append(e, "–")
+					continue
+				}
+				e = append(e, fmt.Sprintf("%.2f / %.2f / %.2f / %s", r.CSW, r.MinFlt, r.Migrations, us(r.RunqWait)))
+			}
+			expl = append(expl, e)
+		}
+		fmt.Fprintf(b, "Per call, both processes: context switches / minor page faults / CPU migrations / µs waiting for a CPU\n\n")
+		table(b, head, expl)
+		if layer == "kitex" {
+			var sched [][]string
+			for _, size := range d.sizes(layer) {
+				e := []string{SizeName(size)}
+				for _, t := range ts {
+					r, ok := d.get(layer, t, size, conc)
+					if !ok {
+						e = append(e, "–")
+						continue
+					}
+					e = append(e, fmt.Sprintf("%s / %s (%s / %s)", us(r.ClientSchedP50), us(r.ServerSchedP50),
+						us(r.ClientSchedP99), us(r.ServerSchedP99)))
+				}
+				sched = append(sched, e)
+			}
+			fmt.Fprintf(b, "Go scheduler latency in the window (/sched/latencies), µs: p50 client / server (p99 client / server)\n\n")
+			table(b, head, sched)
+		}
 
 		var rhead []string
 		rhead = append(rhead, "size")
@@ -320,26 +381,46 @@ func (d *data) scaleSection(b *strings.Builder, charts []chart) {
 	}
 	r0 := d.scale[0]
 	fmt.Fprintf(b, "## Scale: client processes calling one server\n\n")
-	fmt.Fprintf(b, "Each client process makes %d concurrent calls of %s; one server process serves them all "+
-		"(the sidecar case). Memory is the server's, sampled at the end of the window: RSS, and RssShmem (shared "+
-		"memory resident in it), also per session.\n\n", r0.Concurrency/max(r0.Clients, 1), SizeName(r0.Size))
+	heavy := ""
+	if r0.HeavySize > 0 {
+		heavy = fmt.Sprintf(", plus one heavy client process making calls of %s one at a time", SizeName(r0.HeavySize))
+	}
+	fmt.Fprintf(b, "Light client processes each make %d call(s) of %s at a time%s; one server process serves them all "+
+		"(the sidecar case), each transport in its default configuration. Shared memory is what the server maps, each "+
+		"memfd counted once: committed is the memory its pages take (the server's and its clients' regions alike), "+
+		"per session is that divided by the client processes. Calls per second and latency are the light clients'; the "+
+		"heavy client's are in their own columns. CPU per call includes the heavy client's.\n\n",
+		r0.Concurrency/max(r0.Clients, 1), SizeName(r0.Size), heavy)
 	for _, c := range charts {
 		fmt.Fprintf(b, "![%s](%s)\n\n", c.title, c.file)
 	}
 	var rows [][]string
 	for _, t := range engineOrder {
 		for _, r := range d.scale {
-			if r.Transport != t || r.Rounds == 0 {
+			if r.Transport != t {
 				continue
 			}
-			n := float64(max(r.Clients, 1))
+			if r.Rounds == 0 {
+				why := "no round completed"
+				if len(r.Errors) > 0 {
+					why = strings.SplitN(r.Errors[0], "\n", 2)[0]
+				}
+				rows = append(rows, []string{t, fmt.Sprint(r.Clients), why, "", "", "", "", "", "", "", "", ""})
+				continue
+			}
+			n := float64(r.Sessions())
+			hv := "–"
+			if r.HeavySize > 0 {
+				hv = fmt.Sprintf("p50 %s, %s/s, %d fallbacks", usUnit(r.HeavyP50), count(r.HeavyQPS), r.HeavyFallbacks)
+			}
 			rows = append(rows, []string{t, fmt.Sprint(r.Clients), count(r.QPS) + " " + pct(r.QPSSpread), us(r.P50), us(r.P99),
-				us(r.CPU), fmt.Sprintf("%.1f", r.ServerRSS/1024), fmt.Sprintf("%.1f", r.ServerShmem/1024),
-				fmt.Sprintf("%.1f", r.ServerShmem/1024/n), fmt.Sprintf("%.1f", r.ClientRSS/1024)})
+				us(r.CPU), fmt.Sprintf("%.1f", r.ServerRSS/1024), fmt.Sprintf("%.1f", r.ServerShmCommitted/1024),
+				fmt.Sprintf("%.1f", r.ServerShmCommitted/1024/n), fmt.Sprintf("%.1f", r.ServerShmMapped/1024/n),
+				fmt.Sprintf("%.1f", r.ClientRSS/1024), hv})
 		}
 	}
-	table(b, []string{"transport", "clients", "calls/s", "p50 µs", "p99 µs", "CPU µs/call", "server RSS MiB",
-		"server shmem MiB", "shmem MiB per session", "client RSS MiB"}, rows)
+	table(b, []string{"transport", "light clients", "calls/s", "p50 µs", "p99 µs", "CPU µs/call", "server RSS MiB",
+		"server shm committed MiB", "committed MiB per session", "mapped MiB per session", "client RSS MiB", "heavy client"}, rows)
 }
 
 // notAhead lists, honestly, every case where the default kshm mode is
@@ -384,4 +465,214 @@ func (d *data) notAhead(b *strings.Builder) {
 	}
 	b.WriteString("Cases where the default mode is behind a baseline by more than half the spread of the rounds:\n\n")
 	b.WriteString(strings.Join(lines, "\n") + "\n\n")
+}
+
+// calibrationSection shows what the machine's basic operations cost at the
+// start and the end of the run.
+func (d *data) calibrationSection(b *strings.Builder) {
+	m := d.recs[0].Machine
+	if m.Calibration == nil {
+		return
+	}
+	cols := []*Calibration{m.Calibration}
+	head := []string{"machine calibration", "at the start"}
+	if m.CalibrationEnd != nil {
+		cols = append(cols, m.CalibrationEnd)
+		head = append(head, "at the end")
+	}
+	pin := "threads not pinned (fewer than 2 CPUs)"
+	if m.Calibration.Pinned {
+		pin = fmt.Sprintf("threads pinned to CPUs %d and %d", m.Calibration.CPUs[0], m.Calibration.CPUs[1])
+	}
+	rows := []struct {
+		name string
+		f    func(c *Calibration) string
+	}{
+		{"unix socket 1-byte round trip, two processes (p50, µs)", func(c *Calibration) string { return us(c.UDSRoundTripUS) }},
+		{"channel wake-up round trip, two locked threads, pinned / unpinned (µs)", func(c *Calibration) string {
+			return us(c.ChanWakeRoundTripUS) + " / " + us(c.ChanWakeUnpinnedUS)
+		}},
+		{"futex wake-up round trip, two threads, pinned / unpinned (µs)", func(c *Calibration) string {
+			return us(c.FutexRoundTripUS) + " / " + us(c.FutexUnpinnedUS)
+		}},
+		{"cache-line ping-pong round trip, two pinned threads spinning (ns)", func(c *Calibration) string {
+			return fmt.Sprintf("%.0f", c.CacheLineRoundTripNs)
+		}},
+		{"first touch of a page, anonymous / memfd shared (µs)", func(c *Calibration) string {
+			return us(c.PageTouchUS) + " / " + us(c.ShmPageTouchUS)
+		}},
+		{"memcpy, 64 MiB cold / 256 KiB warm (GB/s)", func(c *Calibration) string {
+			return fmt.Sprintf("%.1f / %.1f", c.MemcpyColdGBs, c.MemcpyWarmGBs)
+		}},
+	}
+	var tr [][]string
+	for _, r := range rows {
+		row := []string{r.name}
+		for _, c := range cols {
+			row = append(row, r.f(c))
+		}
+		tr = append(tr, row)
+	}
+	fmt.Fprintf(b, "- Calibration (%s); compare these before comparing results from two machines:\n\n", pin)
+	table(b, head, tr)
+}
+
+// roundsSection shows every round of the key rows (concurrency 1 at 64 B,
+// 16 KiB and 1 MiB): a median hides a slow round, and the rounds' context
+// switches, faults, migrations and waits for a CPU say why it was slow.
+func (d *data) roundsSection(b *strings.Builder) {
+	var rows [][]string
+	for _, layer := range []string{"kitex", "engine"} {
+		for _, t := range d.transports(layer) {
+			for _, size := range []int{64, 16 << 10, 1 << 20} {
+				r, ok := d.get(layer, t, size, 1)
+				if !ok {
+					continue
+				}
+				rows = append(rows, []string{layer, t, SizeName(size), rounds(r.P50Rounds), rounds(r.CPURounds),
+					rounds(r.CSWRounds), rounds(r.FltRounds), rounds(r.MigRounds), rounds(r.RunqRounds), rounds(r.GCRounds)})
+			}
+		}
+	}
+	if len(rows) == 0 {
+		return
+	}
+	fmt.Fprintf(b, "## Every round of the key rows (concurrency 1)\n\n")
+	b.WriteString("One value per round, in the order the rounds ran; per call, both processes.\n\n")
+	table(b, []string{"layer", "transport", "size", "p50 µs", "CPU µs", "context switches", "minor faults", "migrations",
+		"µs waiting for a CPU", "GC cycles in the window"}, rows)
+	var slow []string
+	for _, layer := range []string{"kitex", "engine"} {
+		for _, t := range d.transports(layer) {
+			for _, size := range []int{64, 16 << 10, 1 << 20} {
+				if r, ok := d.get(layer, t, size, 1); ok {
+					if line := slowRound(r); line != "" {
+						slow = append(slow, line)
+					}
+				}
+			}
+		}
+	}
+	if len(slow) > 0 {
+		b.WriteString("Rounds whose p50 is at least 1.5× the fastest round's, against the fastest round (per call, both " +
+			"processes):\n\n" + strings.Join(slow, "\n") + "\n\n")
+	}
+}
+
+// slowRound describes the slowest round of r, if its p50 is at least 1.5
+// times the fastest round's, by what changed between the two rounds.
+func slowRound(r Record) string {
+	n := len(r.P50Rounds)
+	if n < 2 {
+		return ""
+	}
+	lo, hi := 0, 0
+	for i, v := range r.P50Rounds {
+		if v < r.P50Rounds[lo] {
+			lo = i
+		}
+		if v > r.P50Rounds[hi] {
+			hi = i
+		}
+	}
+	if r.P50Rounds[lo] <= 0 || r.P50Rounds[hi] < 1.5*r.P50Rounds[lo] {
+		return ""
+	}
+	at := func(v []float64, i int) float64 {
+		if i < len(v) {
+			return v[i]
+		}
+		return 0
+	}
+	diff := func(name string, v []float64, unit string) string {
+		return fmt.Sprintf("%s %s → %s%s", name, num(at(v, lo)), num(at(v, hi)), unit)
+	}
+	return fmt.Sprintf("- %s %s %s: round %d %s µs against round %d %s µs: %s; %s; %s; %s; GC cycles %.0f → %.0f",
+		r.Layer, r.Transport, SizeName(r.Size), hi+1, us(r.P50Rounds[hi]), lo+1, us(r.P50Rounds[lo]),
+		diff("waiting for a CPU", r.RunqRounds, " µs"), diff("context switches", r.CSWRounds, ""),
+		diff("minor faults", r.FltRounds, ""), diff("migrations", r.MigRounds, ""), at(r.GCRounds, lo), at(r.GCRounds, hi))
+}
+
+func rounds(v []float64) string {
+	if len(v) == 0 {
+		return "–"
+	}
+	parts := make([]string, len(v))
+	for i, x := range v {
+		parts[i] = strings.TrimSpace(us(x))
+		if x == 0 {
+			parts[i] = "0"
+		}
+	}
+	return strings.Join(parts, ", ")
+}
+
+// kitexGoals checks the Kitex layer's targets (issue 10): kshm in its
+// default mode against netpoll over a unix socket, in one run.
+func (d *data) kitexGoals(b *strings.Builder) {
+	const base = "netpoll-uds"
+	get := func(t string, size, conc int) (Record, bool) { return d.get("kitex", t, size, conc) }
+	type goal struct {
+		text  string
+		conc  int
+		sizes map[int]float64 // size -> limit
+		cell  func(k, n Record, limit float64) (string, bool)
+	}
+	ratioLE := func(f func(Record) float64) func(k, n Record, limit float64) (string, bool) {
+		return func(k, n Record, limit float64) (string, bool) {
+			a, c := f(k), f(n)
+			return fmt.Sprintf("%s (≤%.1f×)", ratio(a, c), limit), a > 0 && c > 0 && a <= limit*c
+		}
+	}
+	goals := []goal{
+		{"p50 at c=1, kshm / netpoll-uds", 1, map[int]float64{64: 0.5, 16 << 10: 0.5, 1 << 20: 0.6},
+			ratioLE(func(r Record) float64 { return r.P50 })},
+		{"CPU per call at c=1, kshm / netpoll-uds", 1, map[int]float64{64: 0.8, 16 << 10: 0.7, 1 << 20: 0.7},
+			ratioLE(func(r Record) float64 { return r.CPU })},
+		{"context switches per call at c=1, both processes", 1, map[int]float64{64: 1, 16 << 10: 1},
+			func(k, n Record, limit float64) (string, bool) {
+				return fmt.Sprintf("%.2f (≤%.0f; netpoll %.2f)", k.CSW, limit, n.CSW), k.Rounds > 0 && k.CSW <= limit
+			}},
+		{"throughput at c=16, kshm / netpoll-uds", 16, map[int]float64{16 << 10: 1.5, 1 << 20: 1.5},
+			func(k, n Record, limit float64) (string, bool) {
+				return fmt.Sprintf("%s (≥%.1f×)", ratio(k.QPS, n.QPS), limit), k.QPS > 0 && n.QPS > 0 && k.QPS >= limit*n.QPS
+			}},
+		{"CPU per call at c=16, kshm / netpoll-uds", 16, map[int]float64{16 << 10: 0.7, 1 << 20: 0.7},
+			ratioLE(func(r Record) float64 { return r.CPU })},
+	}
+	sizes := []int{64, 16 << 10, 1 << 20}
+	var rows [][]string
+	for _, g := range goals {
+		row := []string{g.text}
+		for _, size := range sizes {
+			limit, ok := g.sizes[size]
+			if !ok {
+				row = append(row, "")
+				continue
+			}
+			k, ok1 := get("kshm", size, g.conc)
+			n, ok2 := get(base, size, g.conc)
+			if !ok1 || !ok2 {
+				row = append(row, "not measured")
+				continue
+			}
+			cell, met := g.cell(k, n, limit)
+			if met {
+				cell += " ✓"
+			} else {
+				cell += " ✗"
+			}
+			row = append(row, cell)
+		}
+		rows = append(rows, row)
+	}
+	if _, ok := get("kshm", 64, 1); !ok {
+		return
+	}
+	fmt.Fprintf(b, "## Goals (Kitex layer, kshm against netpoll over a unix socket)\n\n")
+	head := []string{"goal"}
+	for _, s := range sizes {
+		head = append(head, SizeName(s))
+	}
+	table(b, head, rows)
 }

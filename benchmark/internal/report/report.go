@@ -37,20 +37,77 @@ type Record struct {
 	QPSSpread    float64   `json:"qps_spread"`
 	CPUSpread    float64   `json:"cpu_spread"`
 	P50Rounds    []float64 `json:"p50_us_rounds"`
+	CPURounds    []float64 `json:"cpu_us_per_call_rounds"`
 	Rounds       int       `json:"rounds"`
 	Calls        uint64    `json:"calls"`
+	Fallbacks    uint64    `json:"fallbacks"`
 	Errors       []string  `json:"errors"`
-	Machine      struct {
-		CPU     string `json:"cpu"`
-		Cores   int    `json:"cores"`
-		MemKiB  int64  `json:"mem_kib"`
-		Kernel  string `json:"kernel"`
-		Go      string `json:"go"`
-		LoadAvg string `json:"loadavg"`
-		LoadEnd string `json:"loadavg_end"`
+
+	ServerShmCommitted float64 `json:"server_shm_committed_kib"`
+	ServerShmMapped    float64 `json:"server_shm_mapped_kib"`
+	ServerMemfds       float64 `json:"server_memfds"`
+	HeavySize          int     `json:"heavy_size"`
+	HeavyP50           float64 `json:"heavy_p50_us"`
+	HeavyQPS           float64 `json:"heavy_qps"`
+	HeavyFallbacks     uint64  `json:"heavy_fallbacks"`
+
+	CSW            float64   `json:"csw_per_call"`
+	ClientCSW      float64   `json:"client_csw_per_call"`
+	ServerCSW      float64   `json:"server_csw_per_call"`
+	InvolCSW       float64   `json:"involuntary_csw_per_call"`
+	MinFlt         float64   `json:"minflt_per_call"`
+	Migrations     float64   `json:"migrations_per_call"`
+	RunqWait       float64   `json:"runq_wait_us_per_call"`
+	GCs            float64   `json:"gcs_per_round"`
+	ClientSchedP50 float64   `json:"client_sched_p50_us"`
+	ClientSchedP99 float64   `json:"client_sched_p99_us"`
+	ServerSchedP50 float64   `json:"server_sched_p50_us"`
+	ServerSchedP99 float64   `json:"server_sched_p99_us"`
+	CSWRounds      []float64 `json:"csw_per_call_rounds"`
+	FltRounds      []float64 `json:"minflt_per_call_rounds"`
+	MigRounds      []float64 `json:"migrations_per_call_rounds"`
+	GCRounds       []float64 `json:"gcs_rounds"`
+	RunqRounds     []float64 `json:"runq_wait_us_per_call_rounds"`
+
+	Machine struct {
+		CPU            string       `json:"cpu"`
+		Cores          int          `json:"cores"`
+		MemKiB         int64        `json:"mem_kib"`
+		Kernel         string       `json:"kernel"`
+		Go             string       `json:"go"`
+		LoadAvg        string       `json:"loadavg"`
+		LoadEnd        string       `json:"loadavg_end"`
+		Calibration    *Calibration `json:"calibration"`
+		CalibrationEnd *Calibration `json:"calibration_end"`
 	} `json:"machine"`
 	Date   string `json:"date"`
 	Commit string `json:"commit"`
+}
+
+// Calibration is what the machine's basic operations cost (see cmd/bench).
+type Calibration struct {
+	UDSRoundTripUS       float64 `json:"uds_rtt_us"`
+	ChanWakeRoundTripUS  float64 `json:"chan_wake_rtt_us"`
+	FutexRoundTripUS     float64 `json:"futex_rtt_us"`
+	ChanWakeUnpinnedUS   float64 `json:"chan_wake_unpinned_rtt_us"`
+	FutexUnpinnedUS      float64 `json:"futex_unpinned_rtt_us"`
+	CacheLineRoundTripNs float64 `json:"cacheline_rtt_ns"`
+	PageTouchUS          float64 `json:"page_touch_us"`
+	ShmPageTouchUS       float64 `json:"shm_page_touch_us"`
+	MemcpyColdGBs        float64 `json:"memcpy_cold_gbs"`
+	MemcpyWarmGBs        float64 `json:"memcpy_warm_gbs"`
+	Pinned               bool    `json:"pinned"`
+	CPUs                 [2]int  `json:"cpus"`
+}
+
+// Sessions is the number of client processes of a scale record: the light
+// ones and the heavy one.
+func (r Record) Sessions() int {
+	n := max(r.Clients, 1)
+	if r.HeavySize > 0 {
+		n++
+	}
+	return n
 }
 
 // Load reads a results file.

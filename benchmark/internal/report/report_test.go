@@ -27,10 +27,18 @@ func synthetic() []Record {
 	for i, t := range []string{"kshm", "uds"} {
 		for _, n := range []int{1, 4} {
 			recs = append(recs, Record{Layer: "engine", Transport: t, Size: 1024, Concurrency: 4 * n, Clients: n, Scale: true,
-				P50: 10, P99: 30, QPS: float64(n*(i+1)) * 1e4, CPU: 5, Rounds: 3, ServerShmem: 1024})
+				P50: 10, P99: 30, QPS: float64(n*(i+1)) * 1e4, CPU: 5, Rounds: 3, ServerShmem: 1024,
+				ServerShmCommitted: float64(n) * 131072, ServerRSS: 40000, HeavySize: 4 << 20, HeavyP50: 900, HeavyQPS: 500})
 		}
 	}
 	recs[0].Machine.CPU = "test cpu"
+	recs[0].Machine.Calibration = &Calibration{UDSRoundTripUS: 23.5, CacheLineRoundTripNs: 1700, Pinned: true, CPUs: [2]int{0, 1}}
+	for i := range recs {
+		recs[i].P50Rounds = []float64{recs[i].P50, recs[i].P50 * 1.1, recs[i].P50 * 0.9}
+		recs[i].CSWRounds = []float64{1, 2, 3}
+		recs[i].RunqRounds = []float64{10, 200, 5}
+	}
+	recs[0].P50Rounds = []float64{1, 3, 1}
 	return recs
 }
 
@@ -45,13 +53,17 @@ func TestWrite_ReportAndCharts(t *testing.T) {
 	}
 	md := string(b)
 	for _, want := range []string{"## Goals", "## Engine layer", "## Kitex layer", "## Scale", "kshm / uds",
-		"engine-latency-c1.svg", "kitex-throughput-c16.svg", "scale-throughput.svg", "test cpu"} {
+		"engine-latency-c1.svg", "kitex-throughput-c16.svg", "scale-throughput.svg", "test cpu",
+		"unix socket 1-byte round trip", "23.5", "1700", "## Every round of the key rows", "context switches / minor page faults",
+		"scale-memory.svg", "committed MiB per session", "4 MiB one at a time",
+		"## Goals (Kitex layer", "context switches per call at c=1",
+		"round 2 3.00 µs against round 1 1.00 µs: waiting for a CPU 10.0 → 200 µs"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("REPORT.md lacks %q", want)
 		}
 	}
 	for _, f := range []string{"engine-latency-c1.svg", "engine-throughput-c16.svg", "engine-cpu-c1.svg",
-		"kitex-latency-c1.svg", "scale-throughput.svg"} {
+		"kitex-latency-c1.svg", "scale-throughput.svg", "scale-memory.svg"} {
 		if st, err := os.Stat(filepath.Join(dir, f)); err != nil || st.Size() == 0 {
 			t.Errorf("chart %s: %v", f, err)
 		}
