@@ -1,0 +1,124 @@
+package transport_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cloudwego/kitex/client"
+	ktransport "github.com/cloudwego/kitex/transport"
+
+	"github.com/shmkit/kshm"
+	"github.com/shmkit/kshm/example/kitex_gen/echo"
+)
+
+// procCost is what a process has spent so far: context switches of all its
+// threads (voluntary and not) and CPU time.
+type procCost struct {
+	vcs, ivcs int64
+	cpu       time.Duration
+}
+
+// readProcCost sums /proc/PID/task/*/status (threads that exited are lost,
+// but Go rarely ends threads) and reads utime+stime from /proc/PID/stat.
+func readProcCost(t testing.TB, pid int) procCost {
+	t.Helper()
+	var c procCost
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range tasks {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue // the thread exited
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "voluntary_ctxt_switches:"); ok {
+				n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				c.vcs += n
+			}
+			if v, ok := strings.CutPrefix(l, "nonvoluntary_ctxt_switches:"); ok {
+				n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				c.ivcs += n
+			}
+		}
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	ut, _ := strconv.ParseInt(f[11], 10, 64) // fields 14 and 15 of stat
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	c.cpu = time.Duration(ut+st) * (time.Second / 100) // USER_HZ
+	return c
+}
+
+// TestMeasure_RecvPath measures Kitex echo at c=1 from this process to a
+// child server: p50, p99, context switches and CPU per call of both
+// processes, kshm against plain Kitex over the same unix socket, rounds
+// alternating. It only runs with KSHM_MEASURE=1 (it asserts nothing about
+// timing; it prints numbers). KSHM_MEASURE_CALLS sets the calls per row.
+func TestMeasure_RecvPath(t *testing.T) {
+	if os.Getenv("KSHM_MEASURE") == "" {
+		t.Skip("set KSHM_MEASURE=1 to measure")
+	}
+	calls := 3000
+	if n, err := strconv.Atoi(os.Getenv("KSHM_MEASURE_CALLS")); err == nil && n > 0 {
+		calls = n
+	}
+	sock := sockPath(t)
+	srv := startServer(t, sock)
+	kc := newEchoClient(t, shmOpt(sock))
+	pc := newEchoClient(t, client.WithHostPorts(sock), client.WithTransportProtocol(ktransport.TTHeaderFramed))
+	child := srv.p.Cmd.Process.Pid
+	self := os.Getpid()
+	for round := 1; round <= 3; round++ {
+		for _, size := range []int{64, 16 << 10} {
+			for _, mode := range []string{"kshm", "plain"} {
+				c := kc
+				if mode == "plain" {
+					c = pc
+				}
+				req := &echo.EchoRequest{Payload: payload(size, int64(size))}
+				ctx := context.Background()
+				for i := 0; i < 300; i++ {
+					if _, err := c.Echo(ctx, req); err != nil {
+						t.Fatal(err)
+					}
+				}
+				before := kshm.ReadStats()
+				a0, b0 := readProcCost(t, self), readProcCost(t, child)
+				lat := make([]time.Duration, calls)
+				for i := range lat {
+					start := time.Now()
+					if _, err := c.Echo(ctx, req); err != nil {
+						t.Fatal(err)
+					}
+					lat[i] = time.Since(start)
+				}
+				a1, b1 := readProcCost(t, self), readProcCost(t, child)
+				after := kshm.ReadStats()
+				slices.Sort(lat)
+				n := float64(calls)
+				cs := float64(a1.vcs-a0.vcs+a1.ivcs-a0.ivcs+b1.vcs-b0.vcs+b1.ivcs-b0.ivcs) / n
+				t.Logf("round %d %-5s %6d B: p50 %6.1f µs p99 %7.1f µs | ctxsw/call %.2f (client %.2f+%.2f, server %.2f+%.2f) | cpu/call %5.1f µs | shm calls %d",
+					round, mode, size,
+					float64(lat[calls/2])/1e3, float64(lat[calls*99/100])/1e3, cs,
+					float64(a1.vcs-a0.vcs)/n, float64(a1.ivcs-a0.ivcs)/n,
+					float64(b1.vcs-b0.vcs)/n, float64(b1.ivcs-b0.ivcs)/n,
+					float64(a1.cpu-a0.cpu+b1.cpu-b0.cpu)/n/1e3,
+					after.CallsSent-before.CallsSent)
+			}
+		}
+	}
+	srv.stop(t)
+}
