@@ -124,41 +124,56 @@ func (c *clientConn) Wait() (*shm.Session, *shm.Message, error) {
 	cs.mu.Lock()
 	for {
 		if c.got {
+			c.leaveLocked()
 			r := c.takeLocked()
 			cs.mu.Unlock()
 			return c.accept(r)
 		}
 		if cs.dead {
+			c.leaveLocked()
 			cs.mu.Unlock()
 			return nil, nil, errSessionClosed
 		}
 		if c.lead || !cs.receiving {
+			if c.parked {
+				cs.unparkLocked(c)
+			}
 			c.lead = false
 			cs.receiving = true
 			cs.mu.Unlock()
 			return c.receive()
 		}
 		if !c.deadline.IsZero() && !time.Now().Before(c.deadline) {
+			c.leaveLocked()
 			cs.mu.Unlock()
 			return nil, nil, shm.ErrTimeout
 		}
-		c.parked = true
-		cs.followers = append(cs.followers, c)
+		if !c.parked { // a spurious wake-up leaves it parked
+			c.parked = true
+			cs.followers = append(cs.followers, c)
+		}
 		cs.stopIdleReaderLocked()
 		cs.mu.Unlock()
 		timedOut := c.park()
 		cs.mu.Lock()
 		if timedOut && !c.got {
-			if c.parked {
-				cs.unparkLocked(c)
-			}
-			if c.lead { // handed the role as the deadline passed: pass it on
-				c.lead = false
-				cs.passRoleLocked()
-			}
+			c.leaveLocked()
 			cs.mu.Unlock()
 			return nil, nil, shm.ErrTimeout
 		}
+	}
+}
+
+// leaveLocked takes c out of the followers as its waiter leaves Wait
+// without receiving; a role it was handed meanwhile goes on to the next
+// follower. cs.mu held.
+func (c *clientConn) leaveLocked() {
+	if c.parked {
+		c.cs.unparkLocked(c)
+	}
+	if c.lead {
+		c.lead = false
+		c.cs.passRoleLocked()
 	}
 }
 
