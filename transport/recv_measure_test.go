@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/trace"
 	"slices"
 	"strconv"
 	"strings"
@@ -62,6 +63,57 @@ func readProcCost(t testing.TB, pid int) procCost {
 	return c
 }
 
+// threadSwitches returns each thread's voluntary and involuntary context
+// switches, by thread id.
+func threadSwitches(pid int) map[string][2]int64 {
+	out := map[string][2]int64{}
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	for _, p := range tasks {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		var v [2]int64
+		for _, l := range strings.Split(string(b), "\n") {
+			if x, ok := strings.CutPrefix(l, "voluntary_ctxt_switches:"); ok {
+				v[0], _ = strconv.ParseInt(strings.TrimSpace(x), 10, 64)
+			}
+			if x, ok := strings.CutPrefix(l, "nonvoluntary_ctxt_switches:"); ok {
+				v[1], _ = strconv.ParseInt(strings.TrimSpace(x), 10, 64)
+			}
+		}
+		out[filepath.Base(filepath.Dir(p))] = v
+	}
+	return out
+}
+
+// threadDeltas formats the per-thread switches per call between two
+// snapshots, busiest first.
+func threadDeltas(a, b map[string][2]int64, calls int) string {
+	type d struct {
+		tid  string
+		v, i float64
+	}
+	var ds []d
+	for tid, y := range b {
+		x := a[tid]
+		if y[0]-x[0]+y[1]-x[1] > 0 {
+			ds = append(ds, d{tid, float64(y[0]-x[0]) / float64(calls), float64(y[1]-x[1]) / float64(calls)})
+		}
+	}
+	slices.SortFunc(ds, func(p, q d) int {
+		if p.v+p.i > q.v+q.i {
+			return -1
+		}
+		return 1
+	})
+	var sb strings.Builder
+	for _, x := range ds {
+		fmt.Fprintf(&sb, " %s:%.2f+%.2f", x.tid, x.v, x.i)
+	}
+	return sb.String()
+}
+
 // TestMeasure_RecvPath measures Kitex echo at c=1 from this process to a
 // child server: p50, p99, context switches and CPU per call of both
 // processes, kshm against plain Kitex over the same unix socket, rounds
@@ -96,8 +148,19 @@ func TestMeasure_RecvPath(t *testing.T) {
 					}
 				}
 				before := kshm.ReadStats()
+				ta0, tb0 := threadSwitches(self), threadSwitches(child)
 				a0, b0 := readProcCost(t, self), readProcCost(t, child)
 				lat := make([]time.Duration, calls)
+				if path := os.Getenv("KSHM_MEASURE_TRACE"); path != "" && round == 1 && mode == "kshm" && size == 64 {
+					f, err := os.Create(path)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if err := trace.Start(f); err != nil {
+						t.Fatal(err)
+					}
+					defer f.Close()
+				}
 				for i := range lat {
 					start := time.Now()
 					if _, err := c.Echo(ctx, req); err != nil {
@@ -106,6 +169,10 @@ func TestMeasure_RecvPath(t *testing.T) {
 					lat[i] = time.Since(start)
 				}
 				a1, b1 := readProcCost(t, self), readProcCost(t, child)
+				if os.Getenv("KSHM_MEASURE_TRACE") != "" && round == 1 && mode == "kshm" && size == 64 {
+					trace.Stop()
+				}
+				ta1, tb1 := threadSwitches(self), threadSwitches(child)
 				after := kshm.ReadStats()
 				slices.Sort(lat)
 				n := float64(calls)
@@ -117,6 +184,10 @@ func TestMeasure_RecvPath(t *testing.T) {
 					float64(b1.vcs-b0.vcs)/n, float64(b1.ivcs-b0.ivcs)/n,
 					float64(a1.cpu-a0.cpu+b1.cpu-b0.cpu)/n/1e3,
 					after.CallsSent-before.CallsSent)
+				if os.Getenv("KSHM_MEASURE_THREADS") != "" {
+					t.Logf("  client threads (voluntary+involuntary per call):%s", threadDeltas(ta0, ta1, calls))
+					t.Logf("  server threads:%s", threadDeltas(tb0, tb1, calls))
+				}
 			}
 		}
 	}
