@@ -50,11 +50,29 @@ func init() {
 type peerKey struct{}
 
 // peerEcho answers with the caller's address as the server's middleware saw
-// it (rpcinfo.From().Address()).
-type peerEcho struct{ echoImpl }
+// it (rpcinfo.From().Address()). It records the sequence numbers of oneway
+// calls in the order it served them; Echo with message "order?" returns
+// them.
+type peerEcho struct {
+	echoImpl
+	mu      sync.Mutex
+	oneways []string
+}
+
+func (e *peerEcho) Notify(ctx context.Context, req *echo.EchoRequest) error {
+	e.mu.Lock()
+	e.oneways = append(e.oneways, fmt.Sprint(req.Seq))
+	e.mu.Unlock()
+	return nil
+}
 
 func (e *peerEcho) Echo(ctx context.Context, req *echo.EchoRequest) (*echo.EchoResponse, error) {
 	resp := &echo.EchoResponse{Payload: req.Payload, Message: req.Message, Seq: req.Seq, Meta: map[string]string{}}
+	if req.Message == "order?" {
+		e.mu.Lock()
+		resp.Message = strings.Join(e.oneways, ",")
+		e.mu.Unlock()
+	}
 	if a, ok := ctx.Value(peerKey{}).(net.Addr); ok {
 		resp.Meta["network"], resp.Meta["addr"] = a.Network(), a.String()
 	}
