@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -188,6 +189,43 @@ func TestMeasure_RecvPath(t *testing.T) {
 					t.Logf("  client threads (voluntary+involuntary per call):%s", threadDeltas(ta0, ta1, calls))
 					t.Logf("  server threads:%s", threadDeltas(tb0, tb1, calls))
 				}
+			}
+		}
+	}
+	// c=16: throughput, both processes' switches and CPU per call.
+	for round := 1; round <= 2; round++ {
+		for _, size := range []int{64, 16 << 10} {
+			for _, mode := range []string{"kshm", "plain"} {
+				c := kc
+				if mode == "plain" {
+					c = pc
+				}
+				const conc = 16
+				per := calls / conc * 2
+				a0, b0 := readProcCost(t, self), readProcCost(t, child)
+				start := time.Now()
+				var wg sync.WaitGroup
+				for g := 0; g < conc; g++ {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						req := &echo.EchoRequest{Payload: payload(size, int64(size))}
+						for i := 0; i < per; i++ {
+							if _, err := c.Echo(context.Background(), req); err != nil {
+								t.Error(err)
+								return
+							}
+						}
+					}()
+				}
+				wg.Wait()
+				el := time.Since(start)
+				a1, b1 := readProcCost(t, self), readProcCost(t, child)
+				n := float64(conc * per)
+				t.Logf("c=16 round %d %-5s %6d B: %7.0f calls/s | ctxsw/call %.2f | cpu/call %5.1f µs",
+					round, mode, size, n/el.Seconds(),
+					float64(a1.vcs-a0.vcs+a1.ivcs-a0.ivcs+b1.vcs-b0.vcs+b1.ivcs-b0.ivcs)/n,
+					float64(a1.cpu-a0.cpu+b1.cpu-b0.cpu)/n/1e3)
 			}
 		}
 	}
