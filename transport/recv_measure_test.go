@@ -134,8 +134,12 @@ func TestMeasure_RecvPath(t *testing.T) {
 	pc := newEchoClient(t, client.WithHostPorts(sock), client.WithTransportProtocol(ktransport.TTHeaderFramed))
 	child := srv.p.Cmd.Process.Pid
 	self := os.Getpid()
+	sizes := []int{64, 16 << 10}
+	if os.Getenv("KSHM_MEASURE_1MIB") != "" {
+		sizes = append(sizes, 1<<20)
+	}
 	for round := 1; round <= 3; round++ {
-		for _, size := range []int{64, 16 << 10} {
+		for _, size := range sizes {
 			for _, mode := range []string{"kshm", "plain"} {
 				c := kc
 				if mode == "plain" {

@@ -27,8 +27,9 @@ import (
 // follower (or a new worker), only when other calls are in flight: another
 // connection is being served, or the previous request came from another
 // connection. Otherwise the role stays free while it serves, and it takes
-// the role back when done; if serving outlasts standbyAfter, a follower
-// takes the free role, so a slow call never holds up the others for long.
+// the role back when done; if serving outlasts standbyAfter (standbyOneConn
+// when the session has one connection), a follower takes the free role, so
+// a slow call never holds up the others for long.
 //
 // A request for a connection that is being served is queued on it, and the
 // worker serving it serves it next: a connection's requests are served in
@@ -60,8 +61,12 @@ const (
 	// maxParkedWorkers bounds the idle worker goroutines a session keeps.
 	maxParkedWorkers = 4
 	// standbyAfter is how long the receiving role may stay free while its
-	// last holder serves a call.
-	standbyAfter = 500 * time.Microsecond
+	// last holder serves a call; standbyOneConn when the session has a
+	// single virtual connection, which cannot send another request before
+	// this one is answered (only a new connection can), so that a call
+	// longer than standbyAfter at c=1 (a large message) wakes nobody.
+	standbyAfter   = 500 * time.Microsecond
+	standbyOneConn = 5 * time.Millisecond
 )
 
 // worker is a goroutine of a session's pool.
@@ -294,7 +299,11 @@ func (ss *serverSession) route(m shm.Message) *serverConn {
 		ss.passRoleLocked()
 	} else {
 		ss.receiving = false
-		ss.standby.Reset(standbyAfter)
+		if len(ss.conns) == 1 {
+			ss.standby.Reset(standbyOneConn)
+		} else {
+			ss.standby.Reset(standbyAfter)
+		}
 	}
 	ss.mu.Unlock()
 	return c
