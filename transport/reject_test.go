@@ -279,13 +279,13 @@ func TestReject_ConnectionLimiter(t *testing.T) {
 				req := &echo.EchoRequest{Payload: payload(5000, 1), Seq: 1}
 				first := make(chan error, 1)
 				go func() {
-					resp, err := c.Sleep(context.Background(), req, 1500, timeoutOpts(to)...)
+					resp, err := c.Sleep(context.Background(), req, 2500, timeoutOpts(to)...)
 					if err == nil && (resp.Seq != 1 || !bytes.Equal(resp.Payload, req.Payload)) {
 						err = errors.New("wrong response")
 					}
 					first <- err
 				}()
-				time.Sleep(300 * time.Millisecond) // the first call holds the only connection
+				time.Sleep(800 * time.Millisecond) // the first call holds the only connection
 				_, err := call(t, "second call", func() (*echo.EchoResponse, error) {
 					return c.Echo(context.Background(), &echo.EchoRequest{Seq: 2}, timeoutOpts(to)...)
 				})
