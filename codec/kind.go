@@ -19,4 +19,12 @@ const (
 	// KindGoAwayAck tells the server that the client has no call left on
 	// the session after a go-away: it can close the session. No payload.
 	KindGoAwayAck uint16 = 5
+	// KindConnClosed tells the client that the server ended the virtual
+	// connection Aux without answering (a connection or QPS limiter, a
+	// request it could not decode, a panic): the call in flight on it, if
+	// any, fails at once, as a Kitex call over a connection the server
+	// closed does. The id is the call the server was serving, 0 if none.
+	// It travels the way the connection's last response did (ring or
+	// socket), so it never overtakes it. No payload.
+	KindConnClosed uint16 = 6
 )

@@ -8,11 +8,16 @@
 // sessions to one socket path and hands Kitex virtual connections over them:
 // one call at a time per connection, like Kitex's long connections. Each
 // call gets an id from a per-session counter that is never reused; the
-// request carries it as the message id and the connection id as Aux. One
-// dispatcher goroutine per session calls Recv and hands each response to the
-// call waiting for that id; a response nobody waits for any more (the call
-// timed out, its connection was discarded) is dropped and released at once,
-// so it can never reach another call.
+// request carries it as the message id and the connection id as Aux.
+// Receiving is leader/followers: the caller waiting for a response calls
+// Recv itself when nobody else does, hands each response of another call to
+// its owner, and passes the receiving role to one parked waiter when its
+// own response comes; with one call in flight nobody else is woken. A
+// session's idle reader takes the free role only when no call has started
+// for a while (to read a go-away). A response nobody waits for any more (the
+// call timed out, its connection was discarded) is dropped and released at
+// once, so it can never reach another call. A virtual connection the server
+// ends without answering (codec.KindConnClosed) fails its call at once.
 //
 // The first call dials synchronously (so it already uses shared memory);
 // when a session cannot be had, or dies, calls go to the fallback pool (the
@@ -28,9 +33,12 @@
 // connection accepted there is told apart by its first shm.PrefaceSize bytes:
 // a kshm preface starts a session, anything else is served as plain Kitex
 // (the bytes read are replayed), so a client without kshm reaches the server
-// on either address. A session's dispatcher queues requests per virtual
-// connection; one goroutine per virtual connection calls OnActive once,
-// OnRead per request in order, and OnInactive once. Shutdown stops
+// on either address. A session's workers take turns receiving; the worker
+// that receives a request for an idle virtual connection serves it itself
+// (OnActive once, OnRead per request in order, OnInactive once), handing
+// the receiving role to another worker first only when other calls are in
+// flight. A connection the server ends without answering (a limiter, a
+// decode error, a panic) is announced to the client. Shutdown stops
 // accepting and tells each session's client to go away: the client takes no
 // new calls on that session (new calls fall back, and the session is
 // re-dialed in the background, which reaches a restarted server) and, once

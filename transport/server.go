@@ -281,11 +281,11 @@ func (ts *TransServer) servePlain(pc *plainConn) {
 		pc.Close()
 	}()
 	ctx, err := ts.hdl.OnActive(context.Background(), pc)
+	defer ts.hdl.OnInactive(ctx, pc) // after a failed OnActive too, as Kitex's servers do (the connection limiter releases there)
 	if err != nil {
 		ts.hdl.OnError(ctx, err, pc)
 		return
 	}
-	defer ts.hdl.OnInactive(ctx, pc)
 	for {
 		if _, err := pc.r.Peek(1); err != nil {
 			return
