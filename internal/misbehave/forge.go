@@ -71,6 +71,9 @@ type ForgeOptions struct {
 	CorruptHeader func(hdr []byte)
 	// HandshakeTimeout bounds the handshake; default 5 s.
 	HandshakeTimeout time.Duration
+	// Sparse leaves the region's pages unreserved (no fallocate), as a
+	// peer that wants us to fault its pages in and pay for them would.
+	Sparse bool
 	// Probe, if set, is filled with what the forger could do to the
 	// server's region through the descriptor it received.
 	Probe *Probe
@@ -277,6 +280,12 @@ func forge(conn *net.UnixConn, o ForgeOptions) (*Forger, error) {
 	if err := unix.Ftruncate(fd, int64(g.size)); err != nil {
 		f.unmap()
 		return nil, err
+	}
+	if !o.Sparse {
+		if err := unix.Fallocate(fd, 0, 0, int64(g.size)); err != nil {
+			f.unmap()
+			return nil, err
+		}
 	}
 	f.mem, err = unix.Mmap(fd, 0, int(g.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
