@@ -39,6 +39,7 @@ const (
 	FrameReady  = 4
 
 	// Header offsets.
+	offState        = 128
 	offRingTail     = 256
 	offPeerRingHead = 384
 	offRelTail      = 512
@@ -401,6 +402,12 @@ func (f *Forger) SetRingTail(v uint64) error {
 	f.tail = v
 	atomic.StoreUint64(f.word(offRingTail), v)
 	return f.WriteFrame(FrameWake, nil)
+}
+
+// SetState stores v as the state word of the forger's receiver (sleepers in
+// the low 32 bits, the sleep epoch in the high 32), as if it slept.
+func (f *Forger) SetState(v uint64) {
+	atomic.StoreUint64(f.word(offState), v)
 }
 
 // SetPeerRingHead stores v as our consumer index of the server's ring.
