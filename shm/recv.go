@@ -87,8 +87,11 @@ func (s *Session) recvLoop(ctx context.Context, m *Message) error {
 		}
 		switch s.cfg.WakeMode {
 		case WakePoll:
-			if i&63 == 63 && ctxDone(ctx) {
-				return ctxErr(ctx)
+			if i&63 == 63 {
+				if ctxDone(ctx) {
+					return ctxErr(ctx)
+				}
+				sched.refresh(time.Now().UnixNano())
 			}
 			s.pause(i)
 		case WakeTimed:
@@ -113,7 +116,7 @@ func (s *Session) recvLoop(ctx context.Context, m *Message) error {
 			if ctxDone(ctx) {
 				return ctxErr(ctx)
 			}
-			if time.Since(spinStart) < budget {
+			if s.keepSpinning(time.Now(), spinStart, budget) {
 				s.pause(i)
 				continue
 			}

@@ -75,10 +75,10 @@ type Session struct {
 
 	_ cacheLinePad
 	// recvTurn admits one Recv at a time; the holder owns peerHead (our
-	// consumer index of the peer's send ring) and spinHits.
+	// consumer index of the peer's send ring) and waitAvg.
 	recvTurn    turn
 	peerHead    uint64
-	spinHits    int // rate of waits within SpinTime, for the adaptive spin
+	waitAvg     int64 // typical wait in nanoseconds, for the spin policy (wake.go)
 	recvCounts  recvCounters
 	recvWake    chan struct{}
 	inlineQ     chan Message
@@ -125,7 +125,7 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 		s.freeSlots[i] = n - 1 - uint32(i)
 	}
 	s.leakLogged = make([]uint32, n)
-	s.spinHits = spinHitsOne
+	s.waitAvg = int64(cfg.SpinTime / 2)
 	s.coarseNow.Store(time.Now().UnixNano())
 	s.life.init(func() {
 		local.unmap()

@@ -124,47 +124,55 @@ func (s *Session) sleep(ctx context.Context) error {
 }
 
 // pause lets others run between polls: other goroutines of this process
-// every time, and other threads of the machine (the peer, when it shares
-// our core) every 256th time, so that a poller never starves the process it
-// waits for.
+// when some wait for a processor, and other threads of the machine (the
+// peer, when it shares our core) every 256th time when the machine has more
+// runnable threads than CPUs. With nothing else runnable it does neither: a
+// Gosched or sched_yield would only add a trip through a scheduler.
 func (s *Session) pause(i int) {
-	if i&255 == 0 {
+	if i&255 == 0 && sched.cpuBusy.Load() {
 		osYield()
 		return
 	}
-	runtime.Gosched()
+	if sched.goRun.Load() {
+		runtime.Gosched()
+	}
 }
+
+// The spin policy (notify mode). A receiver that finds nothing polls for a
+// budget, then sleeps. The budget follows the typical wait: an average of
+// recent waits (weight 1/8, each sample capped at twice SpinTime so that
+// one preempted or idle wait moves it by a bounded step). While the typical
+// wait is within SpinTime, the receiver polls for twice it plus minSpin,
+// capped at SpinTime: long enough to catch the usual reply, and no longer.
+// When waits are typically longer, it polls for minSpin only and sleeps, so
+// an idle session costs no CPU. It also stops polling while the process has
+// more runnable goroutines than GOMAXPROCS: its processor is wanted.
 
 // minSpin is how long a receiver polls before sleeping when its waits are
-// long anyway (an idle session costs almost no CPU).
+// long anyway.
 const minSpin = 2 * time.Microsecond
 
-// spinBudget is how long Recv polls before it sleeps (notify mode). It adapts
-// to the waits the receiver has seen: while most messages arrive within
-// Config.SpinTime of the receiver starting to wait, it polls up to SpinTime,
-// so that a busy session makes no syscalls at all; when most take longer,
-// it polls for minSpin only and sleeps, so an idle session costs almost no
-// CPU. A robust hit rate rather than a mean: one preempted wait must not
-// switch polling off. Recv turn held.
+// spinBudget is how long Recv polls before it sleeps. Recv turn held.
 func (s *Session) spinBudget() time.Duration {
-	if s.spinHits >= spinHitsHalf {
-		return s.cfg.SpinTime
+	typical := time.Duration(s.waitAvg)
+	if s.cfg.SpinTime <= minSpin || typical > s.cfg.SpinTime {
+		return min(minSpin, s.cfg.SpinTime)
 	}
-	return minSpin
+	return min(2*typical+minSpin, s.cfg.SpinTime)
 }
 
-// spinHits is an exponentially weighted rate (weight 1/16, fixed point,
-// spinHitsOne = 100%) of waits that ended within SpinTime.
-const (
-	spinHitsOne  = 1 << 16
-	spinHitsHalf = spinHitsOne / 2
-)
-
-// observeWait folds one wait into the hit rate. Recv turn held.
-func (s *Session) observeWait(d time.Duration) {
-	hit := 0
-	if d <= s.cfg.SpinTime {
-		hit = spinHitsOne
+// keepSpinning reports whether a receiver that has polled since spinStart
+// should go on. now is the current time. Recv turn held.
+func (s *Session) keepSpinning(now, spinStart time.Time, budget time.Duration) bool {
+	if now.Sub(spinStart) >= budget {
+		return false
 	}
-	s.spinHits += (hit - s.spinHits) / 16
+	sched.refresh(now.UnixNano())
+	return !sched.goBusy.Load()
+}
+
+// observeWait folds one wait into the average. Recv turn held.
+func (s *Session) observeWait(d time.Duration) {
+	d = min(d, 2*s.cfg.SpinTime)
+	s.waitAvg += (int64(d) - s.waitAvg) / 8
 }
