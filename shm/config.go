@@ -91,6 +91,14 @@ type Config struct {
 	AllowedUIDs []uint32
 	// SocketMode is the permission of the listening socket file.
 	SocketMode os.FileMode
+	// MaxInlineSize is the largest message carried over the socket (the
+	// fallback for a message that gets no buffer, including one larger than
+	// MaxMessageSize), sent or accepted; the peer learns it in the
+	// handshake. Larger inline frames from the peer close the session, and
+	// at most twice this many inline bytes are queued for our receiver.
+	// 0 means the larger of MaxMessageSize and 16 MiB; set it to
+	// MaxMessageSize to cap every message at MaxMessageSize.
+	MaxInlineSize int
 	// MaxPeerRegionSize is the largest region we map from a peer. 0 means
 	// the larger of RegionSize and the default region size (64 MiB).
 	MaxPeerRegionSize int
@@ -155,6 +163,9 @@ func (c *Config) Validate() error {
 			return bad("AcceptWakeModes holds unknown mode %d (notify, poll or timed)", m)
 		}
 	}
+	if c.MaxInlineSize != 0 && (c.MaxInlineSize < MinMaxMessageSize || c.MaxInlineSize > MaxInlineSize) {
+		return bad("MaxInlineSize %d out of range [%d, %d] (or 0 for the default)", c.MaxInlineSize, MinMaxMessageSize, MaxInlineSize)
+	}
 	if c.MaxPeerRegionSize != 0 && (c.MaxPeerRegionSize < MinRegionSize || c.MaxPeerRegionSize > MaxRegionSize) {
 		return bad("MaxPeerRegionSize %d out of range [%d, %d] (or 0 for the default)", c.MaxPeerRegionSize, MinRegionSize, MaxRegionSize)
 	}
@@ -180,6 +191,17 @@ func (c *Config) maxBuffers() int {
 		return c.RingEntries
 	}
 	return c.MaxBuffers
+}
+
+// defaultMaxInline is the floor of the default MaxInlineSize.
+const defaultMaxInline = 16 << 20
+
+// maxInline is the largest inline message we send or accept.
+func (c *Config) maxInline() uint64 {
+	if c.MaxInlineSize != 0 {
+		return uint64(c.MaxInlineSize)
+	}
+	return uint64(min(max(c.MaxMessageSize, defaultMaxInline), MaxInlineSize))
 }
 
 // maxPeerRegion is the largest peer region we map.

@@ -51,6 +51,7 @@ func ClientSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		MinVersion: protoMinVersion, MaxVersion: protoMaxVersion, WakeMode: uint8(cfg.WakeMode),
 		RegionSize: uint64(cfg.RegionSize), RingEntries: uint32(cfg.RingEntries),
 		SlotCount: uint32(cfg.maxBuffers()), MaxMessage: uint64(cfg.MaxMessageSize), PID: uint32(os.Getpid()),
+		MaxInline: cfg.maxInline(),
 	}
 	if _, err := conn.Write(append(preface[:], mine.encode()...)); err != nil {
 		return nil, fmt.Errorf("%w: send hello: %v", ErrHandshake, err)
@@ -116,7 +117,7 @@ func ClientSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		return nil, fmt.Errorf("%w: expected ready frame, got % x", ErrHandshake, f)
 	}
 	conn.SetDeadline(time.Time{})
-	return newSession(cfg, conn, roleClient, local, peer, pid, uid), nil
+	return newSession(cfg, conn, roleClient, local, peer, pid, uid, srv.MaxInline), nil
 }
 
 const errNotAllowedReason = "peer uid not allowed"
@@ -185,6 +186,7 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		MinVersion: protoMinVersion, MaxVersion: protoMaxVersion, Version: v, WakeMode: uint8(cfg.WakeMode),
 		RegionSize: uint64(cfg.RegionSize), RingEntries: uint32(cfg.RingEntries),
 		SlotCount: uint32(cfg.maxBuffers()), MaxMessage: uint64(cfg.MaxMessageSize), PID: uint32(os.Getpid()),
+		MaxInline: cfg.maxInline(),
 	}
 	if _, _, err := conn.WriteMsgUnix(mine.encode(), unix.UnixRights(local.fd), nil); err != nil {
 		local.unmap()
@@ -226,7 +228,7 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		return nil, fmt.Errorf("%w: send ready: %v", ErrHandshake, err)
 	}
 	conn.SetDeadline(time.Time{})
-	return newSession(cfg, conn, roleServer, local, peer, pid, uid), nil
+	return newSession(cfg, conn, roleServer, local, peer, pid, uid, cli.MaxInline), nil
 }
 
 // agrees checks that a mapped region matches what its owner announced.

@@ -53,6 +53,7 @@ func limitConfig() Config {
 	c := DefaultConfig()
 	c.HandshakeTimeout = 5 * time.Second
 	c.RegionSize, c.MaxMessageSize, c.RingEntries = 2<<20, 64<<10, 64
+	c.MaxInlineSize = c.MaxMessageSize // the strict cap
 	return c
 }
 
@@ -179,6 +180,48 @@ func TestPeerLimit_InlineBytesQueuedAreBounded(t *testing.T) {
 	}
 	if n := <-wrote; n != frames {
 		t.Fatalf("peer wrote %d frames of %d", n, frames)
+	}
+}
+
+// Each side announces its inline cap: SendInline refuses what the peer
+// would refuse, and accepts up to the peer's cap (by default above
+// MaxMessageSize, the fallback for messages too large for a buffer).
+func TestPeerLimit_InlineCapAnnounced(t *testing.T) {
+	strict := limitConfig()
+	lax := limitConfig()
+	lax.MaxInlineSize = 0 // the default: max(MaxMessageSize, 16 MiB)
+	path := filepath.Join(t.TempDir(), "s")
+	ln, err := Listen(path, lax)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cli, err := Dial(ctx, path, strict)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	srv, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	big := make([]byte, 100<<10)
+	if err := srv.SendInline(ctx, 1, 0, 0, big); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("SendInline above the peer's cap = %v, want ErrTooLarge", err)
+	}
+	if err := cli.SendInline(ctx, 2, 0, 0, big); err != nil {
+		t.Fatalf("SendInline within the peer's cap = %v", err)
+	}
+	m := recvOne(t, srv)
+	if m.ID != 2 || m.Len() != len(big) {
+		t.Fatalf("got id %d, %d bytes", m.ID, m.Len())
+	}
+	srv.Release(&m)
+	if cli.Err() != nil || srv.Err() != nil {
+		t.Fatalf("closed: %v / %v", cli.Err(), srv.Err())
 	}
 }
 

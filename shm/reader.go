@@ -79,8 +79,8 @@ func (s *Session) handleFrame(fh frameHeader, fl *floodCheck) bool {
 		s.closeWith(fmt.Errorf("%w: %s", ErrPeerClosed, sanitize(reason)), false)
 		return false
 	case frameInline:
-		if uint64(fh.Len)-inlineMetaSize > uint64(s.cfg.MaxMessageSize) {
-			s.fail(fmt.Errorf("%w: inline frame of %d bytes, above our maximum message size %d", ErrCorrupt, fh.Len-inlineMetaSize, s.cfg.MaxMessageSize))
+		if uint64(fh.Len)-inlineMetaSize > s.inlineMax {
+			s.fail(fmt.Errorf("%w: inline frame of %d bytes, above our MaxInlineSize %d", ErrCorrupt, fh.Len-inlineMetaSize, s.inlineMax))
 			return false
 		}
 		// The bytes queued are bounded: wait (reading nothing more, so the
@@ -118,8 +118,8 @@ func (s *Session) handleFrame(fh frameHeader, fl *floodCheck) bool {
 }
 
 // inlineBudget is the most inline payload bytes queued for the receiver:
-// room for two messages of our maximum size.
-func (s *Session) inlineBudget() int64 { return 2 * int64(s.cfg.MaxMessageSize) }
+// room for two inline messages of the largest size we accept.
+func (s *Session) inlineBudget() int64 { return 2 * int64(s.inlineMax) }
 
 // waitInlineRoom reserves n bytes of the inline budget, waiting for the
 // receiver to take queued messages; false if the session closed.

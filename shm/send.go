@@ -318,10 +318,10 @@ func ctxErr(ctx context.Context) error {
 // memory: the fallback for a message that cannot get a buffer. It is
 // received like any other message (Message.Inline reports it), but is not
 // ordered with respect to messages sent through the ring. It is refused
-// (ErrTooLarge) above the peer's maximum message size.
+// (ErrTooLarge) above the peer's MaxInlineSize.
 func (s *Session) SendInline(ctx context.Context, id, aux uint64, kind uint16, data []byte) error {
-	if uint64(len(data)) > min(uint64(MaxInlineSize), s.peerMax) {
-		return fmt.Errorf("%w: inline message of %d bytes, the peer accepts at most %d", ErrTooLarge, len(data), min(uint64(MaxInlineSize), s.peerMax))
+	if uint64(len(data)) > s.peerInMax {
+		return fmt.Errorf("%w: inline message of %d bytes, the peer accepts at most %d", ErrTooLarge, len(data), s.peerInMax)
 	}
 	if !s.life.beginOp() {
 		return s.closedErr()

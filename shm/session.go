@@ -47,6 +47,8 @@ type Session struct {
 	life      lifetime // who still uses the mappings (lifetime.go)
 	peerMax   uint64   // the peer's MaxMessage, copied once when its header was validated
 	recvLimit uint64   // largest segment accepted: min(our MaxMessageSize, peerMax)
+	inlineMax uint64   // largest inline message we accept (Config.MaxInlineSize)
+	peerInMax uint64   // largest inline message the peer accepts (its hello)
 
 	// slotWords is the state of each of our buffer slots, gen<<32|state, in
 	// the Go heap: Send and Free change it by compare-and-swap, so a buffer
@@ -104,11 +106,13 @@ type Session struct {
 	readerEnd chan struct{}
 }
 
-func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region, peerPID int32, peerUID uint32) *Session {
+func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region, peerPID int32, peerUID uint32, peerMaxInline uint64) *Session {
 	s := &Session{
 		cfg: cfg, conn: conn, role: role, local: local, peer: peer,
 		localHdr: local.hdr, peerHdr: peer.hdr, peerPID: peerPID, peerUID: peerUID,
 		peerMax:    peer.geo.maxMessage,
+		inlineMax:  cfg.maxInline(),
+		peerInMax:  peerMaxInline,
 		buddy:      newBuddy(local.geo.arenaSize),
 		recvTurn:   newTurn(),
 		recvWake:   make(chan struct{}, 1),
