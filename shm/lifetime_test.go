@@ -256,6 +256,9 @@ func TestRecv_ZeroMessageOnError(t *testing.T) {
 		t.Fatalf("Recv returned a half-filled message on error: id %d, %d segments", m.ID, m.NumSegments())
 	}
 	srv.Release(&m) // a no-op
+	if err := cli.Free(b); err != nil { // it was never sent: still ours
+		t.Fatal(err)
+	}
 }
 
 // Segments are checked against the smaller of our and the peer's maximum.
