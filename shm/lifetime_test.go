@@ -255,7 +255,7 @@ func TestRecv_ZeroMessageOnError(t *testing.T) {
 	if m.ID != 0 || m.NumSegments() != 0 || m.Len() != 0 || m.Inline() {
 		t.Fatalf("Recv returned a half-filled message on error: id %d, %d segments", m.ID, m.NumSegments())
 	}
-	srv.Release(&m) // a no-op
+	srv.Release(&m)                     // a no-op
 	if err := cli.Free(b); err != nil { // it was never sent: still ours
 		t.Fatal(err)
 	}

@@ -33,4 +33,3 @@ type SessionStats struct {
 	QuotaHits                   uint64
 	ArenaSize, ArenaFree        uint64
 }
-
