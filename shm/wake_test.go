@@ -76,11 +76,36 @@ func TestSpin_IdleReceiverSleeps(t *testing.T) {
 	}
 }
 
-// machineRunnable parses /proc/loadavg.
-func TestSched_MachineRunnable(t *testing.T) {
-	n, ok := machineRunnable()
+// machineRunnable reads /proc/loadavg; sampling allocates nothing (it runs
+// in pollers).
+func TestSched_SamplingAllocatesNothing(t *testing.T) {
+	sched.mu.Lock()
+	n, ok := sched.machineRunnable()
+	sched.mu.Unlock()
 	if !ok || n < 1 {
 		t.Fatalf("machineRunnable = %d, %v; want at least this thread", n, ok)
 	}
-	sched.refresh(time.Now().UnixNano())
+	for _, c := range []struct {
+		in   string
+		n    int
+		isOK bool
+	}{
+		{"0.52 0.58 0.59 3/467 12345\n", 3, true},
+		{"0.52 0.58 0.59 12/467 1\n", 12, true},
+		{"0.52 0.58 0.59 x/467 1\n", 0, false},
+		{"0.52 0.58", 0, false},
+		{"", 0, false},
+	} {
+		if n, ok := parseRunnable([]byte(c.in)); n != c.n || ok != c.isOK {
+			t.Errorf("parseRunnable(%q) = %d, %v; want %d, %v", c.in, n, ok, c.n, c.isOK)
+		}
+	}
+	allocs := testing.AllocsPerRun(100, func() {
+		sched.goNext.Store(0)
+		sched.cpuNext.Store(0)
+		sched.refresh(time.Now().UnixNano())
+	})
+	if allocs != 0 {
+		t.Fatalf("a scheduler sample allocates %v times", allocs)
+	}
 }

@@ -1,15 +1,14 @@
 package shm
 
 import (
-	"bytes"
-	"os"
 	"runtime"
 	"runtime/metrics"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // osYield gives up the CPU to another runnable thread (sched_yield).
@@ -27,6 +26,8 @@ type schedLoad struct {
 	goRun   atomic.Bool // some goroutine runnable (waiting for a P)
 	cpuBusy atomic.Bool // more threads runnable on the machine than CPUs
 	sample  []metrics.Sample
+	loadavg int       // descriptor of /proc/loadavg: 0 not yet open, -1 unavailable
+	buf     [128]byte // its contents
 }
 
 const (
@@ -54,7 +55,7 @@ func (l *schedLoad) refresh(now int64) {
 	}
 	if now >= l.cpuNext.Load() {
 		l.cpuNext.Store(now + int64(cpuSampleEvery))
-		if running, ok := machineRunnable(); ok {
+		if running, ok := l.machineRunnable(); ok {
 			l.cpuBusy.Store(running > runtime.NumCPU())
 		} else {
 			l.cpuBusy.Store(true) // unknown: yield as before
@@ -64,19 +65,45 @@ func (l *schedLoad) refresh(now int64) {
 
 // machineRunnable is the number of threads runnable on the machine now
 // (including this one): the fourth field of /proc/loadavg, "running/total".
-func machineRunnable() (int, bool) {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
+// It keeps the file open and allocates nothing. l.mu held.
+func (l *schedLoad) machineRunnable() (int, bool) {
+	if l.loadavg < 0 {
 		return 0, false
 	}
-	f := bytes.Fields(b)
-	if len(f) < 4 {
+	if l.loadavg == 0 {
+		fd, err := unix.Open("/proc/loadavg", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			l.loadavg = -1
+			return 0, false
+		}
+		l.loadavg = fd
+	}
+	n, err := unix.Pread(l.loadavg, l.buf[:], 0)
+	if err != nil || n <= 0 {
 		return 0, false
 	}
-	r, _, ok := bytes.Cut(f[3], []byte("/"))
-	if !ok {
-		return 0, false
+	return parseRunnable(l.buf[:n])
+}
+
+// parseRunnable returns the r of "a b c r/t pid" (/proc/loadavg).
+func parseRunnable(b []byte) (int, bool) {
+	field := 0
+	for i := 0; i < len(b); {
+		for i < len(b) && b[i] == ' ' {
+			i++
+		}
+		if field == 3 {
+			n, digits := 0, 0
+			for ; i < len(b) && b[i] >= '0' && b[i] <= '9' && digits < 9; i++ {
+				n = n*10 + int(b[i]-'0')
+				digits++
+			}
+			return n, digits > 0 && i < len(b) && b[i] == '/'
+		}
+		for i < len(b) && b[i] != ' ' {
+			i++
+		}
+		field++
 	}
-	n, err := strconv.Atoi(string(r))
-	return n, err == nil
+	return 0, false
 }
