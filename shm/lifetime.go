@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
-	"time"
 
 	"github.com/cloudwego/kitex/pkg/klog"
 )
@@ -205,6 +204,3 @@ func (s *Session) closeWith(reason error, tellPeer bool) {
 		s.conn.Close()
 	})
 }
-
-// deadlineAfter is time.Now().Add(d), named for the frame-body deadlines.
-func deadlineAfter(d time.Duration) time.Time { return time.Now().Add(d) }

@@ -27,6 +27,62 @@ func recvOne(t testing.TB, s *Session) Message {
 	return m
 }
 
+// The lifetime word under concurrency: operations and holds start and end
+// while close happens; the mapping is "unmapped" exactly once, never while
+// an operation or hold is active, drained is closed once every operation
+// has ended, and nothing starts after close.
+func TestLifetime_UnmapOnceWhenLastUserLeaves(t *testing.T) {
+	for round := 0; round < 200; round++ {
+		var l lifetime
+		var unmaps, active atomic.Int32
+		l.init(func() {
+			if active.Load() != 0 {
+				t.Error("unmapped while a user was active")
+			}
+			unmaps.Add(1)
+		})
+		var wg sync.WaitGroup
+		for g := 0; g < 4; g++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; i < 50; i++ {
+					switch (g + i) % 3 {
+					case 0:
+						if l.beginOp() {
+							active.Add(1)
+							active.Add(-1)
+							l.endOp()
+						}
+					case 1:
+						if l.acquireHold() {
+							active.Add(1)
+							active.Add(-1)
+							l.dropHolds(1)
+						}
+					case 2:
+						if l.beginOp() {
+							active.Add(1)
+							active.Add(-1)
+							l.opToHold()
+							l.dropHolds(1)
+						}
+					}
+				}
+			}()
+		}
+		l.close()
+		<-l.drained
+		if l.beginOp() || l.acquireHold() {
+			t.Fatal("a user started after close")
+		}
+		wg.Wait()
+		if n := unmaps.Load(); n != 1 {
+			t.Fatalf("round %d: unmapped %d times", round, n)
+		}
+	}
+}
+
 // The reported crash: one buffer named twice in a message, then sent again.
 // Before the fix the first Send was accepted and the second killed the
 // process (SIGSEGV: the reference count underflowed and both regions were

@@ -166,6 +166,9 @@ func (f *floodCheck) wake(sleeps uint32) error {
 
 func (f *floodCheck) decay() { f.excess /= 2 }
 
+// deadlineAfter is time.Now().Add(d), for the frame-body deadlines.
+func deadlineAfter(d time.Duration) time.Time { return time.Now().Add(d) }
+
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
