@@ -12,59 +12,68 @@ import (
 // hot path's heap allocations per message pair: it must be 0.
 func BenchmarkSession_RoundTrip(b *testing.B) {
 	for _, size := range []int{64, 4096, 65536} {
-		b.Run(byteSize(size), func(b *testing.B) {
-			c := testConfig()
-			c.WakeMode = WakePoll
-			cli, srv := pair(b, c, testConfig())
-			ctx := context.Background()
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				for {
-					m, err := srv.Recv(ctx)
-					if err != nil {
-						return
-					}
-					buf, err := srv.Alloc(m.Len())
-					if err != nil {
-						b.Error(err)
-						return
-					}
-					copy(buf.Bytes(), m.Segment(0))
-					srv.Release(&m)
-					if err := srv.Send(ctx, m.ID, 0, 0, buf); err != nil {
-						return
-					}
-				}
-			}()
-			payload := make([]byte, size)
-			b.SetBytes(int64(2 * size))
-			b.ReportAllocs()
-			b.ResetTimer()
-			cpu0 := cpuTime()
-			for i := 0; i < b.N; i++ {
-				buf, err := cli.Alloc(size)
-				if err != nil {
-					b.Fatal(err)
-				}
-				copy(buf.Bytes(), payload)
-				if err := cli.Send(ctx, uint64(i), 0, 0, buf); err != nil {
-					b.Fatal(err)
-				}
-				m, err := cli.Recv(ctx)
-				if err != nil {
-					b.Fatal(err)
-				}
-				copy(payload, m.Segment(0))
-				cli.Release(&m)
-			}
-			b.StopTimer()
-			// CPU of the whole process (both sides) per round trip.
-			b.ReportMetric(float64(cpuTime()-cpu0)/float64(b.N), "cpu-ns/op")
-			cli.Close()
-			<-done
-		})
+		b.Run(byteSize(size), func(b *testing.B) { roundTrip(b, size, WakePoll) })
 	}
+	// The default mode, where the spin policy decides between polling and
+	// sleeping.
+	for _, size := range []int{64, 16384} {
+		b.Run("notify/"+byteSize(size), func(b *testing.B) { roundTrip(b, size, WakeNotify) })
+	}
+}
+
+func roundTrip(b *testing.B, size int, mode WakeMode) {
+	c := testConfig()
+	c.WakeMode = mode
+	scfg := testConfig()
+	scfg.WakeMode = mode
+	cli, srv := pair(b, c, scfg)
+	ctx := context.Background()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			m, err := srv.Recv(ctx)
+			if err != nil {
+				return
+			}
+			buf, err := srv.Alloc(m.Len())
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			copy(buf.Bytes(), m.Segment(0))
+			srv.Release(&m)
+			if err := srv.Send(ctx, m.ID, 0, 0, buf); err != nil {
+				return
+			}
+		}
+	}()
+	payload := make([]byte, size)
+	b.SetBytes(int64(2 * size))
+	b.ReportAllocs()
+	b.ResetTimer()
+	cpu0 := cpuTime()
+	for i := 0; i < b.N; i++ {
+		buf, err := cli.Alloc(size)
+		if err != nil {
+			b.Fatal(err)
+		}
+		copy(buf.Bytes(), payload)
+		if err := cli.Send(ctx, uint64(i), 0, 0, buf); err != nil {
+			b.Fatal(err)
+		}
+		m, err := cli.Recv(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		copy(payload, m.Segment(0))
+		cli.Release(&m)
+	}
+	b.StopTimer()
+	// CPU of the whole process (both sides) per round trip.
+	b.ReportMetric(float64(cpuTime()-cpu0)/float64(b.N), "cpu-ns/op")
+	cli.Close()
+	<-done
 }
 
 // BenchmarkSession_Message measures the engine's own cost per message on
