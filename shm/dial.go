@@ -124,7 +124,11 @@ const errNotAllowedReason = "peer uid not allowed"
 
 // ServerSession performs the server side of the handshake on an accepted
 // unix socket whose PrefaceSize bytes of preface the caller has already read
-// and checked with IsPreface. The session adopts the client's wake mode. On
+// and checked with IsPreface. The client's uid is checked first, before
+// anything is read or reserved; at most maxServerHandshakes run at once in
+// the process (a client that waits longer than HandshakeTimeout for its turn
+// is refused, ErrBusy). The session adopts the client's wake mode if cfg
+// accepts it (Config.AcceptWakeModes), and keeps cfg.WakeMode otherwise. On
 // success the session owns conn.
 func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	if err := cfg.Validate(); err != nil {
