@@ -212,8 +212,9 @@ func TestStress_CloseRace(t *testing.T) {
 	rounds := 0
 	for rounds == 0 || (isLong && time.Now().Before(deadline)) {
 		rounds++
-		stressInProcess(t, uint64(rounds), 300)
-		stressCrossProcess(t, uint64(rounds), 4)
+		stressInProcess(t, uint64(rounds), 200)
+		t.Logf("in-process: 200 session pairs")
+		stressCrossProcess(t, uint64(rounds), 3)
 		if t.Failed() {
 			return
 		}
@@ -339,7 +340,7 @@ func stressCrossProcess(t *testing.T, seed uint64, kills int) {
 	for k := 0; k < kills; k++ {
 		child := shmtest.Start(t, "stress-client", "KSHM_SOCK="+sock, fmt.Sprintf("KSHM_SEED=%d", rng.Uint64()))
 		child.Expect(t, "session", 20*time.Second)
-		time.Sleep(time.Duration(50+rng.IntN(200)) * time.Millisecond)
+		time.Sleep(time.Duration(400+rng.IntN(500)) * time.Millisecond)
 		child.Kill()
 		child.Wait()
 	}
@@ -352,28 +353,37 @@ func stressCrossProcess(t *testing.T, seed uint64, kills int) {
 	if accepted.Load() < int64(kills) {
 		t.Errorf("%d sessions accepted from %d children", accepted.Load(), kills)
 	}
+	t.Logf("cross-process: %d sessions with %d children killed", accepted.Load(), kills)
 }
 
-// childStressClient dials $KSHM_SOCK again and again, stressing each
-// session and closing it at a random moment, until it is killed.
+// childStressClient runs four loops that each dial $KSHM_SOCK again and
+// again, stressing each session and closing it at a random moment, until
+// the process is killed.
 func childStressClient() int {
 	var seed uint64
 	fmt.Sscan(os.Getenv("KSHM_SEED"), &seed)
-	rng := rand.New(rand.NewPCG(seed, 3))
-	for i := 0; ; i++ {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		s, err := Dial(ctx, os.Getenv("KSHM_SOCK"), stressConfig())
-		cancel()
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "stress client:", err)
-			return 1
-		}
-		if i == 0 {
-			shmtest.Printf("session")
-		}
-		if err := stressSession(s, rng.Uint64(), time.Duration(1+rng.IntN(30))*time.Millisecond); err != nil {
-			fmt.Fprintln(os.Stderr, "stress client:", err)
-			return 1
-		}
+	var once sync.Once
+	errc := make(chan error, 4)
+	for g := uint64(0); g < 4; g++ {
+		go func() {
+			rng := rand.New(rand.NewPCG(seed, 3+g))
+			for {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				s, err := Dial(ctx, os.Getenv("KSHM_SOCK"), stressConfig())
+				cancel()
+				if err != nil {
+					errc <- err
+					return
+				}
+				once.Do(func() { shmtest.Printf("session") })
+				if err := stressSession(s, rng.Uint64(), time.Duration(1+rng.IntN(20))*time.Millisecond); err != nil {
+					errc <- err
+					return
+				}
+			}
+		}()
 	}
+	err := <-errc
+	fmt.Fprintln(os.Stderr, "stress client:", err)
+	return 1
 }
