@@ -26,9 +26,10 @@ type sendCounters struct {
 	wakeupsSaved      uint64
 }
 
-// recvCounters are written by the Recv turn's holder, the reader and the
-// rare paths; read by anyone.
-type recvCounters struct {
+// eventCounters are per-session atomics: the receiver's (written by the
+// Recv turn's holder, which holds no lock) and those of rare events (the
+// reader, inline sends, wake-up writes, refusals before the lock).
+type eventCounters struct {
 	msgs, bytes, segs atomic.Uint64
 	sleeps            atomic.Uint64
 	inlineRecv        atomic.Uint64
@@ -111,7 +112,7 @@ func (s *Session) counts() SessionStats {
 	s.sendMu.Lock()
 	sc := s.sendCounts
 	s.sendMu.Unlock()
-	r := &s.recvCounts
+	r := &s.events
 	st.Allocs, st.Frees = a.allocs, a.frees
 	st.FailedAllocs = a.failed + r.tooLarge.Load()
 	st.QuotaHits = a.quotaHits
@@ -138,7 +139,7 @@ func (s *Session) heldFromPeer() int64 {
 	s.relMu.Lock()
 	rel := s.released
 	s.relMu.Unlock()
-	return int64(s.recvCounts.segs.Load() - rel)
+	return int64(s.events.segs.Load() - rel)
 }
 
 // Stats returns the session's counters, after reclaiming what the peer has

@@ -108,7 +108,7 @@ func (s *Session) handleFrame(fh frameHeader, fl *floodCheck) bool {
 		case <-s.done:
 			return false
 		}
-		s.recvCounts.inlineRecv.Add(1)
+		s.events.inlineRecv.Add(1)
 		s.signalRecv()
 	default:
 		s.fail(fmt.Errorf("%w: unexpected frame type %d", ErrCorrupt, fh.Type))

@@ -205,7 +205,7 @@ func (s *Session) tryRecv(m *Message) (bool, error) {
 	m.inline = false
 	s.peerHead = head + n
 	atomic.StoreUint64(&s.localHdr.PeerRingHead, s.peerHead)
-	c := &s.recvCounts
+	c := &s.events
 	c.msgs.Add(1)
 	if m.n > 0 {
 		c.segs.Add(uint64(m.n))

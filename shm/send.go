@@ -21,7 +21,7 @@ func slotWord(gen, state uint32) uint64 { return uint64(gen)<<32 | uint64(state)
 // until it is sent or freed.
 func (s *Session) Alloc(n int) (Buffer, error) {
 	if n < 0 || n > s.cfg.MaxMessageSize {
-		s.recvCounts.tooLarge.Add(1)
+		s.events.tooLarge.Add(1)
 		return Buffer{}, fmt.Errorf("%w: %d bytes, maximum %d", ErrTooLarge, n, s.cfg.MaxMessageSize)
 	}
 	if !s.life.acquireHold() { // the buffer's hold, dropped by Send or Free
@@ -350,6 +350,6 @@ func (s *Session) SendInline(ctx context.Context, id, aux uint64, kind uint16, d
 		s.fail(fmt.Errorf("%w: inline write: %v", ErrPeerClosed, err))
 		return s.closedErr()
 	}
-	s.recvCounts.inlineSent.Add(1)
+	s.events.inlineSent.Add(1)
 	return nil
 }

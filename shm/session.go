@@ -81,7 +81,7 @@ type Session struct {
 	recvTurn    turn
 	peerHead    uint64
 	waitAvg     int64 // typical wait in nanoseconds, for the spin policy (wake.go)
-	recvCounts  recvCounters
+	events      eventCounters
 	recvWake    chan struct{}
 	inlineQ     chan Message
 	inlineBytes atomic.Int64  // bytes of inline messages queued and not yet received

@@ -74,7 +74,7 @@ func (s *Session) flushWakeLocked() {
 	n, err := s.writeNonblocking(f[:])
 	switch {
 	case err == nil && n == len(f):
-		s.recvCounts.wakeupsSent.Add(1)
+		s.events.wakeupsSent.Add(1)
 	case n <= 0 && errors.Is(err, unix.EAGAIN):
 		// The peer has not read what we wrote before: those frames wake it.
 	default:
@@ -113,7 +113,7 @@ func (s *Session) sleep(ctx context.Context) error {
 	if atomic.LoadUint64(&s.peerHdr.RingTail) != s.peerHead || len(s.inlineQ) > 0 {
 		return nil
 	}
-	s.recvCounts.sleeps.Add(1)
+	s.events.sleeps.Add(1)
 	select {
 	case <-s.recvWake:
 	case <-s.done:
