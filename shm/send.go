@@ -77,9 +77,8 @@ func (s *Session) Free(b Buffer) error {
 	if b.b == nil || b.gen == 0 || b.slot >= uint32(len(s.slotWords)) {
 		return ErrForeignBuffer
 	}
-	w := &s.slotWords[b.slot]
-	if !w.CompareAndSwap(slotWord(b.gen, slotLocal), slotWord(b.gen, slotFree)) {
-		return s.refusal(b)
+	if err := s.takeLocal(b, slotFree); err != nil {
+		return err
 	}
 	// The slot is ours alone now, and our hold keeps the mapping.
 	s.allocMu.Lock()
@@ -89,16 +88,23 @@ func (s *Session) Free(b Buffer) error {
 	return nil
 }
 
-// refusal says why b is not a local buffer of this session.
-func (s *Session) refusal(b Buffer) error {
-	w := s.slotWords[b.slot].Load()
-	switch {
-	case uint32(w>>32) != b.gen || uint32(w) == slotFree:
-		return ErrBufferFreed
-	case uint32(w) == slotSent || uint32(w) == slotSending:
-		return ErrBufferSent
+// takeLocal moves b's slot from local to state by compare-and-swap, or says
+// why b is not a local buffer of this session. A slot seen local again (a
+// concurrent Send that failed and gave it back) is retried.
+func (s *Session) takeLocal(b Buffer, state uint32) error {
+	w := &s.slotWords[b.slot]
+	for {
+		if w.CompareAndSwap(slotWord(b.gen, slotLocal), slotWord(b.gen, state)) {
+			return nil
+		}
+		v := w.Load()
+		switch {
+		case uint32(v>>32) != b.gen || uint32(v) == slotFree:
+			return ErrBufferFreed
+		case uint32(v) == slotSent || uint32(v) == slotSending:
+			return ErrBufferSent
+		}
 	}
-	return ErrBufferFreed
 }
 
 // freeSlotLocked returns a slot whose word was just set free (by Free or by
@@ -188,8 +194,7 @@ func (s *Session) Send(ctx context.Context, id, aux uint64, kind uint16, bufs ..
 		total += uint64(len(b.b))
 	}
 	for i, b := range bufs {
-		if !s.slotWords[b.slot].CompareAndSwap(slotWord(b.gen, slotLocal), slotWord(b.gen, slotSending)) {
-			err := s.refusal(b)
+		if err := s.takeLocal(b, slotSending); err != nil {
 			s.unsend(bufs[:i])
 			s.life.endOp()
 			return err
