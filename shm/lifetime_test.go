@@ -162,6 +162,21 @@ func TestFree_DoubleFreeAndSendAfterFree(t *testing.T) {
 	if err := cli.Send(ctx, 3, 0, 0, Buffer{}); !errors.Is(err, ErrForeignBuffer) {
 		t.Fatalf("Send(Buffer{}) = %v, want ErrForeignBuffer", err)
 	}
+	// A buffer of another session (the server's, same slot and generation)
+	// is not ours: refused, and the other session's buffer is untouched.
+	other, err := srv.Alloc(100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cli.Free(other); !errors.Is(err, ErrForeignBuffer) {
+		t.Fatalf("Free of another session's buffer = %v, want ErrForeignBuffer", err)
+	}
+	if err := cli.Send(ctx, 5, 0, 0, other); !errors.Is(err, ErrForeignBuffer) {
+		t.Fatalf("Send of another session's buffer = %v, want ErrForeignBuffer", err)
+	}
+	if err := srv.Free(other); err != nil {
+		t.Fatalf("the other session's own Free: %v", err)
+	}
 	if err := cli.Send(ctx, 4, 0, 0, nb); err != nil {
 		t.Fatal(err)
 	}

@@ -74,7 +74,7 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 // nothing, a buffer already freed (ErrBufferFreed), one that was sent
 // (ErrBufferSent) and one this session did not allocate (ErrForeignBuffer).
 func (s *Session) Free(b Buffer) error {
-	if b.b == nil || b.gen == 0 || b.slot >= uint32(len(s.slotWords)) {
+	if !s.ours(b) {
 		return ErrForeignBuffer
 	}
 	if err := s.takeLocal(b, slotFree); err != nil {
@@ -86,6 +86,14 @@ func (s *Session) Free(b Buffer) error {
 	s.allocMu.Unlock()
 	s.life.dropHolds(1)
 	return nil
+}
+
+// ours reports whether b can be a buffer of this session: a slot we have,
+// a generation we hand out, and memory inside our arena. It reads no
+// mapping (the address is only compared).
+func (s *Session) ours(b Buffer) bool {
+	return b.b != nil && b.gen != 0 && b.slot < uint32(len(s.slotWords)) &&
+		inside(b.b, s.arenaBase, s.local.geo.arenaSize)
 }
 
 // takeLocal moves b's slot from local to state by compare-and-swap, or says
@@ -181,7 +189,7 @@ func (s *Session) Send(ctx context.Context, id, aux uint64, kind uint16, bufs ..
 	}
 	var total uint64
 	for i, b := range bufs {
-		if b.b == nil || b.gen == 0 || b.slot >= uint32(len(s.slotWords)) {
+		if !s.ours(b) {
 			s.life.endOp()
 			return ErrForeignBuffer
 		}
@@ -247,10 +255,11 @@ func (s *Session) publish(ctx context.Context, id, aux uint64, kind uint16, bufs
 			break
 		}
 		s.sendMu.Unlock()
-		// tail is a copy taken under sendMu: another sender may move the
-		// real one meanwhile, which only makes us recheck under the lock.
+		// tail is a copy taken under sendMu: other senders may move the
+		// real one, and the peer's head may then pass our copy, so the
+		// difference is signed. Ready only means "recheck under the lock".
 		if err := s.backoff(ctx, func() bool {
-			return tail-atomic.LoadUint64(&s.peerHdr.PeerRingHead)+nd <= entries
+			return int64(tail+nd-atomic.LoadUint64(&s.peerHdr.PeerRingHead)) <= int64(entries)
 		}); err != nil {
 			return err
 		}

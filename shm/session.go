@@ -55,6 +55,7 @@ type Session struct {
 	// changes hands once, and a stale Buffer is refused without touching the
 	// mapping. The region's buffer table mirrors it for operators.
 	slotWords []atomic.Uint64
+	arenaBase uintptr      // address of our arena, to tell our Buffers from others'
 	coarseNow atomic.Int64 // unix nanoseconds of the last housekeeping pass
 
 	_ cacheLinePad
@@ -124,6 +125,7 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 	s.recvLimit = min(uint64(cfg.MaxMessageSize), s.peerMax)
 	n := uint32(local.geo.slotCount)
 	s.slotWords = make([]atomic.Uint64, n)
+	s.arenaBase = addrOf(local.arena)
 	s.freeSlots = make([]uint32, n)
 	for i := range s.freeSlots {
 		s.freeSlots[i] = n - 1 - uint32(i)
