@@ -3,7 +3,7 @@
 
 GO ?= go
 
-.PHONY: all build test example bench bench-quick gen fuzz vet soak clean
+.PHONY: all build test example bench bench-quick gen fuzz vet soak soak-engine clean
 
 all: build
 
@@ -43,18 +43,30 @@ bench:
 # Chaos soak: client and server processes killed and restarted at random,
 # every response verified, no buffer or descriptor leaked (SOAK=duration).
 SOAK ?= 10m
-soak:
+soak: soak-engine
 	$(GO) run ./soak -duration $(SOAK)
+
+# The engine's close-race stress (shm TestStress_CloseRace) run for
+# SOAK_ENGINE instead of its short pass in `make test`: sessions closed from
+# either side at random, child peers killed with SIGKILL, every mapping,
+# memfd, goroutine and heap byte back to baseline.
+SOAK_ENGINE ?= 5m
+soak-engine:
+	KSHM_STRESS_DURATION=$(SOAK_ENGINE) $(GO) test -race -count=1 -timeout 0 -run '^TestStress_CloseRace$$' ./shm/
 
 # Regenerates example/kitex_gen from example/idl (needs only the Go proxy).
 gen:
 	sh example/gen.sh
 
-# Longer fuzzing of every parser of peer input (FUZZTIME per target).
+# Longer fuzzing of every parser of peer input (FUZZTIME per target). Each
+# new interesting input is minimized for at most FUZZMINIMIZE (Go's default,
+# 60 s, let FuzzValidateHeader spend most of its time minimizing 4 KiB
+# headers instead of fuzzing).
 FUZZTIME ?= 1m
+FUZZMINIMIZE ?= 5s
 fuzz:
 	for f in FuzzDecodeHello FuzzParseFrame FuzzValidateHeader FuzzRecvDescriptors FuzzReleaseEntries; do \
-		$(GO) test -run XXX -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./shm/ || exit 1; \
+		$(GO) test -run XXX -fuzz "^$$f$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINIMIZE) ./shm/ || exit 1; \
 	done
 
 clean:

@@ -91,6 +91,23 @@ type Config struct {
 	AllowedUIDs []uint32
 	// SocketMode is the permission of the listening socket file.
 	SocketMode os.FileMode
+	// MaxInlineSize is the largest message carried over the socket (the
+	// fallback for a message that gets no buffer, including one larger than
+	// MaxMessageSize), sent or accepted; the peer learns it in the
+	// handshake. Larger inline frames from the peer close the session, and
+	// at most twice this many inline bytes are queued for our receiver.
+	// 0 means the larger of MaxMessageSize and 16 MiB; set it to
+	// MaxMessageSize to cap every message at MaxMessageSize.
+	MaxInlineSize int
+	// MaxPeerRegionSize is the largest region we map from a peer. 0 means
+	// the larger of RegionSize and the default region size (64 MiB).
+	MaxPeerRegionSize int
+	// AcceptWakeModes are the wake modes a server lets its clients choose
+	// for the server's receiver, besides its own WakeMode. Empty means
+	// notify and timed: a client cannot make the server poll (spin a core
+	// per session) unless the server's configuration allows it. A client
+	// asking for another mode gets the server's own WakeMode.
+	AcceptWakeModes []WakeMode
 	// LeakThreshold: a buffer held by the peer longer than this is logged
 	// once as a probable leak. 0 disables the check.
 	LeakThreshold time.Duration
@@ -141,7 +158,20 @@ func (c *Config) Validate() error {
 	if c.SpinTime < 0 || c.SpinTime > time.Second {
 		return bad("SpinTime %v out of range [0, 1s]", c.SpinTime)
 	}
-	if c.WakeMode == WakeTimed && (c.PollInterval < time.Microsecond || c.PollInterval > time.Second) {
+	for _, m := range c.AcceptWakeModes {
+		if m > WakeTimed {
+			return bad("AcceptWakeModes holds unknown mode %d (notify, poll or timed)", m)
+		}
+	}
+	if c.MaxInlineSize != 0 && (c.MaxInlineSize < MinMaxMessageSize || c.MaxInlineSize > MaxInlineSize) {
+		return bad("MaxInlineSize %d out of range [%d, %d] (or 0 for the default)", c.MaxInlineSize, MinMaxMessageSize, MaxInlineSize)
+	}
+	if c.MaxPeerRegionSize != 0 && (c.MaxPeerRegionSize < MinRegionSize || c.MaxPeerRegionSize > MaxRegionSize) {
+		return bad("MaxPeerRegionSize %d out of range [%d, %d] (or 0 for the default)", c.MaxPeerRegionSize, MinRegionSize, MaxRegionSize)
+	}
+	// Validated in every mode: a server may run timed sessions for its
+	// clients whatever its own mode.
+	if c.PollInterval < time.Microsecond || c.PollInterval > time.Second {
 		return bad("PollInterval %v out of range [1µs, 1s]", c.PollInterval)
 	}
 	if c.HandshakeTimeout <= 0 || c.HandshakeTimeout > time.Minute {
@@ -161,6 +191,41 @@ func (c *Config) maxBuffers() int {
 		return c.RingEntries
 	}
 	return c.MaxBuffers
+}
+
+// defaultMaxInline is the floor of the default MaxInlineSize.
+const defaultMaxInline = 16 << 20
+
+// maxInline is the largest inline message we send or accept.
+func (c *Config) maxInline() uint64 {
+	if c.MaxInlineSize != 0 {
+		return uint64(c.MaxInlineSize)
+	}
+	return uint64(min(max(c.MaxMessageSize, defaultMaxInline), MaxInlineSize))
+}
+
+// maxPeerRegion is the largest peer region we map.
+func (c *Config) maxPeerRegion() uint64 {
+	if c.MaxPeerRegionSize != 0 {
+		return uint64(c.MaxPeerRegionSize)
+	}
+	return uint64(max(c.RegionSize, defaultRegionSize))
+}
+
+// acceptsWakeMode reports whether a server lets a client choose m.
+func (c *Config) acceptsWakeMode(m WakeMode) bool {
+	if m == c.WakeMode {
+		return true
+	}
+	if len(c.AcceptWakeModes) == 0 {
+		return m == WakeNotify || m == WakeTimed
+	}
+	for _, a := range c.AcceptWakeModes {
+		if a == m {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *Config) allowed(uid uint32) bool {

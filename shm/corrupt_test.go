@@ -17,13 +17,13 @@ import (
 // broken or hostile peer would: through the real mapped structures.
 func publish(s *Session, ds ...desc) {
 	s.sendMu.Lock()
-	defer s.sendMu.Unlock()
 	mask := s.local.geo.ringEntries - 1
 	for _, d := range ds {
-		s.local.ring[s.tail&mask] = d
-		s.tail++
+		s.local.ring[s.localTail&mask] = d
+		s.localTail++
 	}
-	atomic.StoreUint64(&s.lh.RingTail, s.tail)
+	atomic.StoreUint64(&s.localHdr.RingTail, s.localTail)
+	s.sendMu.Unlock()
 	s.wakePeer()
 }
 
@@ -43,34 +43,34 @@ func expectCorrupt(t *testing.T, srv *Session) {
 func TestCorrupt_Descriptors(t *testing.T) {
 	cases := map[string]func(s *Session) []desc{
 		"offset outside arena": func(s *Session) []desc {
-			return []desc{{Off: s.local.geo.arenaSize - 10, Len: 100, Slot: 0, Seq: uint32(s.tail)}}
+			return []desc{{Off: s.local.geo.arenaSize - 10, Len: 100, Slot: 0, Seq: uint32(s.localTail)}}
 		},
 		"huge offset": func(s *Session) []desc {
-			return []desc{{Off: math.MaxUint64 - 5, Len: 100, Slot: 0, Seq: uint32(s.tail)}}
+			return []desc{{Off: math.MaxUint64 - 5, Len: 100, Slot: 0, Seq: uint32(s.localTail)}}
 		},
 		"length beyond max": func(s *Session) []desc {
-			return []desc{{Off: 0, Len: math.MaxUint32, Slot: 0, Seq: uint32(s.tail)}}
+			return []desc{{Off: 0, Len: math.MaxUint32, Slot: 0, Seq: uint32(s.localTail)}}
 		},
 		"bad sequence": func(s *Session) []desc {
-			return []desc{{Off: 0, Len: 10, Slot: 0, Seq: uint32(s.tail) + 3}}
+			return []desc{{Off: 0, Len: 10, Slot: 0, Seq: uint32(s.localTail) + 3}}
 		},
 		"slot out of range": func(s *Session) []desc {
-			return []desc{{Off: 0, Len: 10, Slot: 1 << 30, Seq: uint32(s.tail)}}
+			return []desc{{Off: 0, Len: 10, Slot: 1 << 30, Seq: uint32(s.localTail)}}
 		},
 		"unknown flags": func(s *Session) []desc {
-			return []desc{{Off: 0, Len: 10, Slot: 0, Seq: uint32(s.tail), Flags: 0x80}}
+			return []desc{{Off: 0, Len: 10, Slot: 0, Seq: uint32(s.localTail), Flags: 0x80}}
 		},
 		"too many segments": func(s *Session) []desc {
 			var ds []desc
 			for i := 0; i <= MaxSegments; i++ {
-				ds = append(ds, desc{Off: 0, Len: 10, Slot: 0, Seq: uint32(s.tail) + uint32(i), Flags: descMore})
+				ds = append(ds, desc{Off: 0, Len: 10, Slot: 0, Seq: uint32(s.localTail) + uint32(i), Flags: descMore})
 			}
 			return ds
 		},
 		"segments of different messages": func(s *Session) []desc {
 			return []desc{
-				{ID: 1, Off: 0, Len: 10, Slot: 0, Seq: uint32(s.tail), Flags: descMore},
-				{ID: 2, Off: 0, Len: 10, Slot: 0, Seq: uint32(s.tail) + 1},
+				{ID: 1, Off: 0, Len: 10, Slot: 0, Seq: uint32(s.localTail), Flags: descMore},
+				{ID: 2, Off: 0, Len: 10, Slot: 0, Seq: uint32(s.localTail) + 1},
 			}
 		},
 	}
@@ -90,7 +90,7 @@ func TestCorrupt_Descriptors(t *testing.T) {
 
 func TestCorrupt_RingTailRunaway(t *testing.T) {
 	cli, srv := pair(t, testConfig(), testConfig())
-	atomic.StoreUint64(&cli.lh.RingTail, 1<<40)
+	atomic.StoreUint64(&cli.localHdr.RingTail, 1<<40)
 	cli.wakePeer()
 	expectCorrupt(t, srv)
 }
@@ -99,7 +99,7 @@ func TestCorrupt_ReleaseOfUnheldBuffer(t *testing.T) {
 	cli, srv := pair(t, testConfig(), testConfig())
 	// The client "releases" a server buffer it never received.
 	atomic.StoreUint64(&cli.local.rel[0], 3<<32|1)
-	atomic.StoreUint64(&cli.lh.RelTail, 1)
+	atomic.StoreUint64(&cli.localHdr.RelTail, 1)
 	if _, err := srv.Alloc(100); !errors.Is(err, ErrClosed) {
 		t.Fatalf("Alloc after a bogus release = %v, want ErrClosed", err)
 	}
@@ -158,8 +158,10 @@ func TestRegion_LargerThanMemoryFails(t *testing.T) {
 	t.Log(err)
 	// Through Dial: the client's region cannot be made; the error says so.
 	cfg := testConfig()
+	scfg := cfg
+	scfg.MaxPeerRegionSize = MaxRegionSize // let the client's own check speak
 	path := filepath.Join(t.TempDir(), "s")
-	ln, err := Listen(path, cfg)
+	ln, err := Listen(path, scfg)
 	if err != nil {
 		t.Fatal(err)
 	}

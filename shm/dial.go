@@ -51,6 +51,7 @@ func ClientSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		MinVersion: protoMinVersion, MaxVersion: protoMaxVersion, WakeMode: uint8(cfg.WakeMode),
 		RegionSize: uint64(cfg.RegionSize), RingEntries: uint32(cfg.RingEntries),
 		SlotCount: uint32(cfg.maxBuffers()), MaxMessage: uint64(cfg.MaxMessageSize), PID: uint32(os.Getpid()),
+		MaxInline: cfg.maxInline(),
 	}
 	if _, err := conn.Write(append(preface[:], mine.encode()...)); err != nil {
 		return nil, fmt.Errorf("%w: send hello: %v", ErrHandshake, err)
@@ -78,7 +79,11 @@ func ClientSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	if fd < 0 {
 		return nil, fmt.Errorf("%w: server sent no region", ErrHandshake)
 	}
-	peer, err := mapPeerRegion(fd, MaxRegionSize)
+	if srv.RegionSize > cfg.maxPeerRegion() {
+		closeFD(fd)
+		return nil, fmt.Errorf("%w: server's region of %d bytes is above our MaxPeerRegionSize (%d)", ErrHandshake, srv.RegionSize, cfg.maxPeerRegion())
+	}
+	peer, err := mapPeerRegion(fd, cfg.maxPeerRegion())
 	if err != nil {
 		return nil, err
 	}
@@ -112,14 +117,18 @@ func ClientSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		return nil, fmt.Errorf("%w: expected ready frame, got % x", ErrHandshake, f)
 	}
 	conn.SetDeadline(time.Time{})
-	return newSession(cfg, conn, roleClient, local, peer, pid, uid), nil
+	return newSession(cfg, conn, roleClient, local, peer, pid, uid, srv.MaxInline), nil
 }
 
 const errNotAllowedReason = "peer uid not allowed"
 
 // ServerSession performs the server side of the handshake on an accepted
 // unix socket whose PrefaceSize bytes of preface the caller has already read
-// and checked with IsPreface. The session adopts the client's wake mode. On
+// and checked with IsPreface. The client's uid is checked first, before
+// anything is read or reserved; at most maxServerHandshakes run at once in
+// the process (a client that waits longer than HandshakeTimeout for its turn
+// is refused, ErrBusy). The session adopts the client's wake mode if cfg
+// accepts it (Config.AcceptWakeModes), and keeps cfg.WakeMode otherwise. On
 // success the session owns conn.
 func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	if err := cfg.Validate(); err != nil {
@@ -130,14 +139,24 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := make([]byte, helloSize)
-	if _, err := readFull(conn, b); err != nil {
-		return nil, fmt.Errorf("%w: read hello: %v", ErrHandshake, err)
-	}
+	// The uid is known from the socket: refuse before reading or reserving
+	// anything for a client we do not accept.
 	if !cfg.allowed(uid) {
 		refuse := hello{Status: statusRefused, Reason: errNotAllowedReason}
 		conn.Write(refuse.encode())
 		return nil, fmt.Errorf("%w: client uid %d (pid %d)", ErrPeerNotAllowed, uid, pid)
+	}
+	// Bound the handshakes that may reserve a region at once, process-wide
+	// (the Listener and transports that call ServerSession share it).
+	if !serverHandshakes.acquire(cfg.HandshakeTimeout) {
+		refuse := hello{Status: statusRefused, Reason: "server busy"}
+		conn.Write(refuse.encode())
+		return nil, fmt.Errorf("%w: %w: %d in progress", ErrHandshake, ErrBusy, maxServerHandshakes)
+	}
+	defer serverHandshakes.release()
+	b := make([]byte, helloSize)
+	if _, err := readFull(conn, b); err != nil {
+		return nil, fmt.Errorf("%w: read hello: %v", ErrHandshake, err)
 	}
 	cli, err := decodeHello(b)
 	if err == nil && cli.Status != statusOK {
@@ -147,12 +166,17 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	if err == nil {
 		v, err = negotiate(cli)
 	}
+	if err == nil && cli.RegionSize > cfg.maxPeerRegion() {
+		err = fmt.Errorf("%w: client's region of %d bytes is above our MaxPeerRegionSize (%d)", ErrHandshake, cli.RegionSize, cfg.maxPeerRegion())
+	}
 	if err != nil {
 		refuse := hello{Status: statusRefused, Reason: err.Error()}
 		conn.Write(refuse.encode())
 		return nil, err
 	}
-	cfg.WakeMode = WakeMode(cli.WakeMode)
+	if m := WakeMode(cli.WakeMode); cfg.acceptsWakeMode(m) {
+		cfg.WakeMode = m
+	}
 	local, err := createRegion(uint64(cfg.RegionSize), uint64(cfg.RingEntries), nextPow2(uint64(cli.SlotCount)),
 		uint64(cfg.maxBuffers()), uint64(cfg.MaxMessageSize), roleServer, pid)
 	if err != nil {
@@ -163,9 +187,10 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	// The deadline bounds the peer, not our own page reservation.
 	conn.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	mine := hello{
-		MinVersion: protoMinVersion, MaxVersion: protoMaxVersion, Version: v, WakeMode: cli.WakeMode,
+		MinVersion: protoMinVersion, MaxVersion: protoMaxVersion, Version: v, WakeMode: uint8(cfg.WakeMode),
 		RegionSize: uint64(cfg.RegionSize), RingEntries: uint32(cfg.RingEntries),
 		SlotCount: uint32(cfg.maxBuffers()), MaxMessage: uint64(cfg.MaxMessageSize), PID: uint32(os.Getpid()),
+		MaxInline: cfg.maxInline(),
 	}
 	if _, _, err := conn.WriteMsgUnix(mine.encode(), unix.UnixRights(local.fd), nil); err != nil {
 		local.unmap()
@@ -189,7 +214,7 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		local.unmap()
 		return nil, err
 	}
-	peer, err := mapPeerRegion(fd, MaxRegionSize)
+	peer, err := mapPeerRegion(fd, cfg.maxPeerRegion())
 	if err == nil {
 		if err = agrees(peer, cli); err != nil {
 			peer.unmap()
@@ -207,16 +232,16 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		return nil, fmt.Errorf("%w: send ready: %v", ErrHandshake, err)
 	}
 	conn.SetDeadline(time.Time{})
-	return newSession(cfg, conn, roleServer, local, peer, pid, uid), nil
+	return newSession(cfg, conn, roleServer, local, peer, pid, uid, cli.MaxInline), nil
 }
 
 // agrees checks that a mapped region matches what its owner announced.
 func agrees(r *region, h hello) error {
 	g := r.geo
 	if g.size != h.RegionSize || g.ringEntries != uint64(h.RingEntries) || g.slotCount != uint64(h.SlotCount) ||
-		r.hdr.MaxMessage != h.MaxMessage {
+		g.maxMessage != h.MaxMessage {
 		return fmt.Errorf("%w: peer's region (size %d, ring %d, slots %d, max %d) disagrees with its hello (%d, %d, %d, %d)",
-			ErrHandshake, g.size, g.ringEntries, g.slotCount, r.hdr.MaxMessage, h.RegionSize, h.RingEntries, h.SlotCount, h.MaxMessage)
+			ErrHandshake, g.size, g.ringEntries, g.slotCount, g.maxMessage, h.RegionSize, h.RingEntries, h.SlotCount, h.MaxMessage)
 	}
 	return nil
 }
@@ -286,6 +311,33 @@ func peerCred(conn *net.UnixConn) (int32, uint32, error) {
 	}
 	return cred.Pid, cred.Uid, nil
 }
+
+// maxServerHandshakes bounds the server handshakes in progress in this
+// process, each of which may reserve a region.
+const maxServerHandshakes = 16
+
+var serverHandshakes = handshakeSlots{c: make(chan struct{}, maxServerHandshakes)}
+
+type handshakeSlots struct{ c chan struct{} }
+
+// acquire waits for a slot at most d.
+func (h handshakeSlots) acquire(d time.Duration) bool {
+	select {
+	case h.c <- struct{}{}:
+		return true
+	default:
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case h.c <- struct{}{}:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+func (h handshakeSlots) release() { <-h.c }
 
 // Listener accepts kshm sessions on a unix socket. Handshakes run
 // concurrently, each bounded by Config.HandshakeTimeout, so a stalled client

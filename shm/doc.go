@@ -33,10 +33,18 @@
 // Config.SpinTime, then marks itself sleeping and rechecks its ring; a sender
 // writes to the socket only when it finds the receiver sleeping. WakePoll
 // never sleeps; WakeTimed checks every Config.PollInterval and senders never
-// make a syscall. The client chooses the mode for both sides of a session.
+// make a syscall. The client asks for a mode for both sides of a session; a
+// server adopts it only if its Config accepts it (AcceptWakeModes).
 //
 // When a peer dies its socket closes: the session closes at once, its
 // in-flight operations fail with ErrClosed, and every buffer the peer held
-// returns to us with the region. Counters: Session.Stats and ReadStats;
+// returns to us with the region.
+//
+// Lifetimes: a Buffer keeps our region mapped until Send succeeds or Free
+// returns it, and a received Message keeps the peer's region mapped until
+// Release; both work after close, and once every one is freed or released
+// both regions and their memfds are gone. A Buffer changes hands once: a
+// second Send or Free of it, or Send of a freed one, is refused with
+// ErrBufferSent or ErrBufferFreed and changes nothing. Counters: Session.Stats and ReadStats;
 // the same counters live in each region's header for the kshm tool.
 package shm

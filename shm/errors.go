@@ -31,6 +31,19 @@ var (
 	ErrInsufficientMemory = errors.New("shm: not enough memory available for region")
 	// ErrBadConfig wraps every configuration validation failure.
 	ErrBadConfig = errors.New("shm: invalid configuration")
+	// ErrBufferSent means a Buffer was already sent (or is being sent by a
+	// concurrent Send): it is the peer's, not the caller's.
+	ErrBufferSent = errors.New("shm: buffer already sent")
+	// ErrBufferFreed means a Buffer was already freed (its slot may since
+	// hold another buffer).
+	ErrBufferFreed = errors.New("shm: buffer already freed")
+	// ErrDuplicateBuffer means one Buffer was named twice in one message.
+	ErrDuplicateBuffer = errors.New("shm: buffer named twice in one message")
+	// ErrForeignBuffer means a Buffer was not allocated by this session (or
+	// is the zero Buffer).
+	ErrForeignBuffer = errors.New("shm: buffer not allocated by this session")
+	// ErrBusy means the server has its maximum of handshakes in progress.
+	ErrBusy = errors.New("shm: too many handshakes in progress")
 	// ErrTimeout is returned when a deadline passes. It satisfies net.Error
 	// with Timeout() == true.
 	ErrTimeout error = timeoutError{}

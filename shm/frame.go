@@ -16,7 +16,9 @@ const (
 
 	inlineMetaSize = 24 // id u64, aux u64, kind u16, 6 bytes zero
 	maxCloseReason = 256
-	// MaxInlineSize bounds a message carried on the socket.
+	// MaxInlineSize bounds a message carried on the socket, whatever the
+	// configuration (Config.MaxInlineSize, at most this, is the limit in
+	// force).
 	MaxInlineSize = 64 << 20
 )
 

@@ -114,7 +114,7 @@ func FuzzRecvDescriptors(f *testing.F) {
 			}
 			// Keep sequence numbers right half the time so deeper checks run.
 			if len(raw) == 0 || raw[0]&1 == 0 {
-				d.Seq = uint32(cli.tail) + uint32(i)
+				d.Seq = uint32(cli.localTail) + uint32(i)
 			}
 			ds[i] = d
 		}
@@ -173,7 +173,7 @@ func FuzzReleaseEntries(f *testing.F) {
 			atomic.StoreUint64(&cli.local.rel[cli.relTail&(cli.local.geo.relEntries-1)], tok)
 			cli.relTail++
 		}
-		atomic.StoreUint64(&cli.lh.RelTail, cli.relTail)
+		atomic.StoreUint64(&cli.localHdr.RelTail, cli.relTail)
 		srv.reclaim()
 		for i := range held {
 			cli.Release(&held[i])

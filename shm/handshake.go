@@ -42,6 +42,9 @@ type hello struct {
 	MaxMessage  uint64
 	PID         uint32
 	Reason      string // at most reasonSize bytes on the wire
+	// MaxInline is the largest inline message the sender accepts (offset
+	// 104). 0, from a peer that predates it, means MaxInlineSize.
+	MaxInline uint64
 }
 
 const (
@@ -68,6 +71,7 @@ func (h *hello) encode() []byte {
 	}
 	b[36] = byte(len(r))
 	copy(b[40:40+reasonSize], r)
+	le.PutUint64(b[104:], h.MaxInline)
 	return b
 }
 
@@ -89,6 +93,7 @@ func decodeHello(b []byte) (hello, error) {
 		SlotCount:   le.Uint32(b[20:]),
 		MaxMessage:  le.Uint64(b[24:]),
 		PID:         le.Uint32(b[32:]),
+		MaxInline:   le.Uint64(b[104:]),
 	}
 	n := int(b[36])
 	if n > reasonSize {
@@ -118,6 +123,12 @@ func decodeHello(b []byte) (hello, error) {
 	}
 	if h.MaxMessage < MinMaxMessageSize || h.MaxMessage > h.RegionSize {
 		return hello{}, fmt.Errorf("%w: max message %d", ErrHandshake, h.MaxMessage)
+	}
+	if h.MaxInline == 0 {
+		h.MaxInline = MaxInlineSize
+	}
+	if h.MaxInline < MinMaxMessageSize || h.MaxInline > MaxInlineSize {
+		return hello{}, fmt.Errorf("%w: max inline message %d", ErrHandshake, h.MaxInline)
 	}
 	return h, nil
 }

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"os"
 	"testing"
+	"time"
 )
 
 func TestInspect_LiveProcessRegions(t *testing.T) {
 	cli, srv := pair(t, testConfig(), testConfig())
 	send(t, cli, 77, []byte("hello, operator"))
+	// The header's counters are published by housekeeping.
+	time.Sleep(2 * housekeepEvery)
 	files, err := RegionFiles(os.Getpid())
 	if err != nil {
 		t.Fatal(err)

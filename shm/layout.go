@@ -2,6 +2,7 @@ package shm
 
 import (
 	"fmt"
+	"sync/atomic"
 	"unsafe"
 )
 
@@ -143,6 +144,7 @@ type geometry struct {
 	relOff, relEntries   uint64
 	slotOff, slotCount   uint64
 	arenaOff, arenaSize  uint64
+	maxMessage           uint64 // the owner's MaxMessage, copied once at validation
 }
 
 func roundUp(x, to uint64) uint64 { return (x + to - 1) / to * to }
@@ -215,8 +217,11 @@ func validateHeader(h *regionHeader, mapped uint64) (geometry, error) {
 	if h.BlockSize != MinBlockSize {
 		return bad("block size %d, want %d", h.BlockSize, MinBlockSize)
 	}
-	if h.MaxMessage == 0 || h.MaxMessage > g.arenaSize {
-		return bad("max message %d for an arena of %d", h.MaxMessage, g.arenaSize)
+	// Read once: the peer can rewrite its header after we checked it.
+	maxMsg := atomic.LoadUint64(&h.MaxMessage)
+	if maxMsg == 0 || maxMsg > g.arenaSize {
+		return bad("max message %d for an arena of %d", maxMsg, g.arenaSize)
 	}
+	g.maxMessage = maxMsg
 	return g, nil
 }

@@ -28,6 +28,8 @@ func TestMain(m *testing.M) {
 		os.Exit(childStreamServer())
 	case "holder-client":
 		os.Exit(childHolderClient())
+	case "stress-client":
+		os.Exit(childStressClient())
 	default:
 		fmt.Fprintln(os.Stderr, "unknown child role", shmtest.Role())
 		os.Exit(2)

@@ -30,6 +30,7 @@ const requiredSeals = unix.F_SEAL_SHRINK | unix.F_SEAL_GROW
 // reserved up front, mapped read-write, header written.
 func createRegion(size, ringEntries, relEntries, slotCount, maxMessage uint64, role uint32, peerPID int32) (*region, error) {
 	g := computeGeometry(size, ringEntries, relEntries, slotCount)
+	g.maxMessage = maxMessage
 	if g.arenaSize < maxMessage || g.arenaSize == 0 {
 		return nil, fmt.Errorf("%w: region of %d bytes leaves an arena of %d bytes, smaller than the maximum message (%d)",
 			ErrBadConfig, size, g.arenaSize, maxMessage)
@@ -99,6 +100,11 @@ func mapPeerRegion(fd int, maxRegion uint64) (*region, error) {
 	size := uint64(st.Size)
 	if size < headerSize || size > maxRegion {
 		return nil, fmt.Errorf("%w: peer region size %d out of range [%d, %d]", ErrHandshake, size, headerSize, maxRegion)
+	}
+	// Its pages must be reserved already: reading a sparse region would
+	// fault pages in and charge them to us.
+	if reserved := uint64(st.Blocks) * 512; reserved < size {
+		return nil, fmt.Errorf("%w: peer region of %d bytes has only %d bytes of pages reserved", ErrHandshake, size, reserved)
 	}
 	mem, err := unix.Mmap(fd, 0, int(size), unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {

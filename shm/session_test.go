@@ -59,7 +59,9 @@ func TestSession_PingPong(t *testing.T) {
 		t.Run(mode.String(), func(t *testing.T) {
 			c := testConfig()
 			c.WakeMode = mode
-			cli, srv := pair(t, c, testConfig())
+			sc := testConfig()
+			sc.AcceptWakeModes = []WakeMode{WakeNotify, WakePoll, WakeTimed}
+			cli, srv := pair(t, c, sc)
 			if srv.Config().WakeMode != mode {
 				t.Fatalf("server wake mode %v, want the client's %v", srv.Config().WakeMode, mode)
 			}

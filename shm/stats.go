@@ -1,7 +1,5 @@
 package shm
 
-import "sync/atomic"
-
 // Stats are process-wide counters over every session of this process.
 type Stats struct {
 	Sessions     int64  // open sessions
@@ -34,34 +32,4 @@ type SessionStats struct {
 	InlineSent, InlineRecv      uint64
 	QuotaHits                   uint64
 	ArenaSize, ArenaFree        uint64
-}
-
-var global struct {
-	sessions, inUseBuffers, inUseBytes                           atomic.Int64
-	allocs, frees, failedAllocs                                  atomic.Uint64
-	msgsSent, msgsRecv, bytesSent, bytesRecv                     atomic.Uint64
-	wakeupsSent, wakeupsSaved, inlineSent, inlineRecv, corrupted atomic.Uint64
-}
-
-// ReadStats returns the process-wide counters. Buffers the peer has released
-// but this process has not yet reclaimed count as in use until a session's
-// next allocation or housekeeping pass (at most a few hundred ms).
-func ReadStats() Stats {
-	return Stats{
-		Sessions:     global.sessions.Load(),
-		Allocs:       global.allocs.Load(),
-		Frees:        global.frees.Load(),
-		FailedAllocs: global.failedAllocs.Load(),
-		InUseBuffers: global.inUseBuffers.Load(),
-		InUseBytes:   global.inUseBytes.Load(),
-		MsgsSent:     global.msgsSent.Load(),
-		MsgsRecv:     global.msgsRecv.Load(),
-		BytesSent:    global.bytesSent.Load(),
-		BytesRecv:    global.bytesRecv.Load(),
-		WakeupsSent:  global.wakeupsSent.Load(),
-		WakeupsSaved: global.wakeupsSaved.Load(),
-		InlineSent:   global.inlineSent.Load(),
-		InlineRecv:   global.inlineRecv.Load(),
-		Corrupt:      global.corrupted.Load(),
-	}
 }

@@ -39,3 +39,13 @@ func sliceAt[T any](m []byte, off, n uint64) []T {
 	}
 	return unsafe.Slice((*T)(unsafe.Pointer(&m[off])), n)
 }
+
+// addrOf is the address of m's first byte (of its backing array when m is
+// empty), for range checks that must not dereference m.
+func addrOf(m []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(m))) }
+
+// inside reports whether b lies within [base, base+n).
+func inside(b []byte, base uintptr, n uint64) bool {
+	p := addrOf(b)
+	return p >= base && uint64(p-base)+uint64(len(b)) <= n
+}

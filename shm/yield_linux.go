@@ -1,6 +1,109 @@
 package shm
 
-import "syscall"
+import (
+	"runtime"
+	"runtime/metrics"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
 
 // osYield gives up the CPU to another runnable thread (sched_yield).
 func osYield() { syscall.Syscall(syscall.SYS_SCHED_YIELD, 0, 0, 0) }
+
+// schedLoad tells pollers how busy the schedulers are, from samples taken
+// at most every goSampleEvery (the Go scheduler, runtime/metrics) and
+// cpuSampleEvery (the machine's, /proc/loadavg), by whichever poller asks
+// first. Reading it costs two atomic loads.
+type schedLoad struct {
+	mu      sync.Mutex   // guards sample and the refreshes
+	goNext  atomic.Int64 // unix nanoseconds of the next refresh of each
+	cpuNext atomic.Int64
+	goBusy  atomic.Bool // more goroutines runnable than GOMAXPROCS
+	goRun   atomic.Bool // some goroutine runnable (waiting for a P)
+	cpuBusy atomic.Bool // more threads runnable on the machine than CPUs
+	sample  []metrics.Sample
+	loadavg int       // descriptor of /proc/loadavg: 0 not yet open, -1 unavailable
+	buf     [128]byte // its contents
+}
+
+const (
+	goSampleEvery  = 50 * time.Microsecond
+	cpuSampleEvery = time.Millisecond
+	runnableMetric = "/sched/goroutines/runnable:goroutines"
+)
+
+var sched = schedLoad{sample: []metrics.Sample{{Name: runnableMetric}}}
+
+// refresh takes new samples if they are due. now is unix nanoseconds.
+func (l *schedLoad) refresh(now int64) {
+	if now < l.goNext.Load() && now < l.cpuNext.Load() || !l.mu.TryLock() {
+		return
+	}
+	defer l.mu.Unlock()
+	if now >= l.goNext.Load() {
+		l.goNext.Store(now + int64(goSampleEvery))
+		metrics.Read(l.sample)
+		if v := l.sample[0].Value; v.Kind() == metrics.KindUint64 {
+			n := v.Uint64()
+			l.goBusy.Store(n > uint64(runtime.GOMAXPROCS(0)))
+			l.goRun.Store(n > 0)
+		}
+	}
+	if now >= l.cpuNext.Load() {
+		l.cpuNext.Store(now + int64(cpuSampleEvery))
+		if running, ok := l.machineRunnable(); ok {
+			l.cpuBusy.Store(running > runtime.NumCPU())
+		} else {
+			l.cpuBusy.Store(true) // unknown: yield as before
+		}
+	}
+}
+
+// machineRunnable is the number of threads runnable on the machine now
+// (including this one): the fourth field of /proc/loadavg, "running/total".
+// It keeps the file open and allocates nothing. l.mu held.
+func (l *schedLoad) machineRunnable() (int, bool) {
+	if l.loadavg < 0 {
+		return 0, false
+	}
+	if l.loadavg == 0 {
+		fd, err := unix.Open("/proc/loadavg", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			l.loadavg = -1
+			return 0, false
+		}
+		l.loadavg = fd
+	}
+	n, err := unix.Pread(l.loadavg, l.buf[:], 0)
+	if err != nil || n <= 0 {
+		return 0, false
+	}
+	return parseRunnable(l.buf[:n])
+}
+
+// parseRunnable returns the r of "a b c r/t pid" (/proc/loadavg).
+func parseRunnable(b []byte) (int, bool) {
+	field := 0
+	for i := 0; i < len(b); {
+		for i < len(b) && b[i] == ' ' {
+			i++
+		}
+		if field == 3 {
+			n, digits := 0, 0
+			for ; i < len(b) && b[i] >= '0' && b[i] <= '9' && digits < 9; i++ {
+				n = n*10 + int(b[i]-'0')
+				digits++
+			}
+			return n, digits > 0 && i < len(b) && b[i] == '/'
+		}
+		for i < len(b) && b[i] != ' ' {
+			i++
+		}
+		field++
+	}
+	return 0, false
+}

@@ -39,6 +39,7 @@ const (
 	FrameReady  = 4
 
 	// Header offsets.
+	offState        = 128
 	offRingTail     = 256
 	offPeerRingHead = 384
 	offRelTail      = 512
@@ -71,6 +72,9 @@ type ForgeOptions struct {
 	CorruptHeader func(hdr []byte)
 	// HandshakeTimeout bounds the handshake; default 5 s.
 	HandshakeTimeout time.Duration
+	// Sparse leaves the region's pages unreserved (no fallocate), as a
+	// peer that wants us to fault its pages in and pay for them would.
+	Sparse bool
 	// Probe, if set, is filled with what the forger could do to the
 	// server's region through the descriptor it received.
 	Probe *Probe
@@ -278,6 +282,12 @@ func forge(conn *net.UnixConn, o ForgeOptions) (*Forger, error) {
 		f.unmap()
 		return nil, err
 	}
+	if !o.Sparse {
+		if err := unix.Fallocate(fd, 0, 0, int64(g.size)); err != nil {
+			f.unmap()
+			return nil, err
+		}
+	}
 	f.mem, err = unix.Mmap(fd, 0, int(g.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
 		f.unmap()
@@ -392,6 +402,12 @@ func (f *Forger) SetRingTail(v uint64) error {
 	f.tail = v
 	atomic.StoreUint64(f.word(offRingTail), v)
 	return f.WriteFrame(FrameWake, nil)
+}
+
+// SetState stores v as the state word of the forger's receiver (sleepers in
+// the low 32 bits, the sleep epoch in the high 32), as if it slept.
+func (f *Forger) SetState(v uint64) {
+	atomic.StoreUint64(f.word(offState), v)
 }
 
 // SetPeerRingHead stores v as our consumer index of the server's ring.

@@ -97,3 +97,58 @@ func (p *Proc) Wait() error {
 func Printf(format string, a ...any) {
 	fmt.Fprintf(os.Stdout, format+"\n", a...)
 }
+
+// MemfdMappings counts the lines of /proc/self/maps that map a memfd.
+func MemfdMappings(t testing.TB) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "/memfd:") {
+			n++
+		}
+	}
+	return n
+}
+
+// MemfdFDs counts this process's open descriptors that are memfds.
+func MemfdFDs(t testing.TB) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(target, "/memfd:") {
+			n++
+		}
+	}
+	return n
+}
+
+// WaitBaseline polls until every count is back to its baseline, and fails
+// the test with the counts if they are not within timeout.
+func WaitBaseline(t testing.TB, timeout time.Duration, what string, baseline []int, count func() []int) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		got := count()
+		ok := len(got) == len(baseline)
+		for i := range got {
+			if ok && got[i] > baseline[i] {
+				ok = false
+			}
+		}
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %v, baseline %v", what, got, baseline)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -1,0 +1,174 @@
+package shm
+
+import (
+	"sync"
+	"sync/atomic"
+)
+
+// Each counter has one source of truth: a plain field under a lock the hot
+// path already holds, or (for rare events and the receiver, which holds no
+// lock) a per-session atomic. Housekeeping copies them into the region header
+// for kshm stats; ReadStats sums them over the registry of live sessions
+// plus what closed sessions left behind.
+
+// allocCounters are guarded by allocMu.
+type allocCounters struct {
+	allocs, frees     uint64
+	failed, quotaHits uint64 // failed counts quota and no-memory refusals
+	reclaimed         uint64 // buffers the peer released back to us
+	inUseBufs         int64
+	inUseBytes        int64
+}
+
+// sendCounters are guarded by sendMu.
+type sendCounters struct {
+	msgs, bytes, bufs uint64
+	wakeupsSaved      uint64
+}
+
+// eventCounters are per-session atomics: the receiver's (written by the
+// Recv turn's holder, which holds no lock) and those of rare events (the
+// reader, inline sends, wake-up writes, refusals before the lock).
+type eventCounters struct {
+	msgs, bytes, segs atomic.Uint64
+	sleeps            atomic.Uint64
+	inlineRecv        atomic.Uint64
+	inlineSent        atomic.Uint64
+	wakeupsSent       atomic.Uint64
+	tooLarge          atomic.Uint64 // Alloc refusals before the lock
+}
+
+// corruptSessions counts sessions closed for corrupt peer input.
+var corruptSessions atomic.Uint64
+
+// registry holds the live sessions, and the totals of closed ones.
+var registry struct {
+	mu      sync.Mutex
+	live    map[*Session]struct{}
+	retired Stats // monotonic counters of closed sessions
+}
+
+func register(s *Session) {
+	registry.mu.Lock()
+	if registry.live == nil {
+		registry.live = make(map[*Session]struct{})
+	}
+	registry.live[s] = struct{}{}
+	registry.mu.Unlock()
+}
+
+// unregister removes a closing session, keeping its monotonic counters.
+func unregister(s *Session) {
+	st := s.counts()
+	registry.mu.Lock()
+	delete(registry.live, s)
+	r := &registry.retired
+	addStats(r, &st)
+	registry.mu.Unlock()
+}
+
+func addStats(t *Stats, st *SessionStats) {
+	t.Allocs += st.Allocs
+	t.Frees += st.Frees
+	t.FailedAllocs += st.FailedAllocs
+	t.MsgsSent += st.MsgsSent
+	t.MsgsRecv += st.MsgsRecv
+	t.BytesSent += st.BytesSent
+	t.BytesRecv += st.BytesRecv
+	t.WakeupsSent += st.WakeupsSent
+	t.WakeupsSaved += st.WakeupsSaved
+	t.InlineSent += st.InlineSent
+	t.InlineRecv += st.InlineRecv
+}
+
+// ReadStats returns the process-wide counters: the sum over live sessions,
+// plus the monotonic counters of closed ones. Buffers of a closed session
+// are not in use. Buffers the peer has released but this process has not
+// yet reclaimed count as in use until a session's next allocation or
+// housekeeping pass (at most a few hundred ms).
+func ReadStats() Stats {
+	registry.mu.Lock()
+	defer registry.mu.Unlock()
+	t := registry.retired
+	for s := range registry.live {
+		st := s.counts()
+		addStats(&t, &st)
+		t.InUseBuffers += st.InUseBuffers
+		t.InUseBytes += st.InUseBytes
+	}
+	t.Sessions = int64(len(registry.live))
+	t.Corrupt = corruptSessions.Load()
+	return t
+}
+
+// counts reads the session's counters, taking each lock briefly. It touches
+// no mapping.
+func (s *Session) counts() SessionStats {
+	var st SessionStats
+	s.allocMu.Lock()
+	a := s.allocCounts
+	st.ArenaFree = s.buddy.freeLen
+	s.allocMu.Unlock()
+	s.sendMu.Lock()
+	sc := s.sendCounts
+	s.sendMu.Unlock()
+	r := &s.events
+	st.Allocs, st.Frees = a.allocs, a.frees
+	st.FailedAllocs = a.failed + r.tooLarge.Load()
+	st.QuotaHits = a.quotaHits
+	st.InUseBuffers, st.InUseBytes = a.inUseBufs, a.inUseBytes
+	st.PeerHeld = int64(sc.bufs - a.reclaimed)
+	st.HeldFromPeer = s.heldFromPeer()
+	st.MsgsSent, st.BytesSent = sc.msgs, sc.bytes
+	st.WakeupsSaved = sc.wakeupsSaved
+	st.MsgsRecv, st.BytesRecv = r.msgs.Load(), r.bytes.Load()
+	st.WakeupsSent = r.wakeupsSent.Load()
+	st.Sleeps = r.sleeps.Load()
+	st.InlineSent, st.InlineRecv = r.inlineSent.Load(), r.inlineRecv.Load()
+	st.ArenaSize = s.local.geo.arenaSize
+	if s.life.closed() {
+		// Every buffer of ours returned with the region.
+		st.InUseBuffers, st.InUseBytes, st.PeerHeld = 0, 0, 0
+	}
+	return st
+}
+
+// heldFromPeer is the number of the peer's buffers received and not yet
+// released.
+func (s *Session) heldFromPeer() int64 {
+	s.relMu.Lock()
+	rel := s.released
+	s.relMu.Unlock()
+	return int64(s.events.segs.Load() - rel)
+}
+
+// Stats returns the session's counters, after reclaiming what the peer has
+// released.
+func (s *Session) Stats() SessionStats {
+	s.reclaim()
+	return s.counts()
+}
+
+// publishCounters copies the counters into our region's header, for
+// operators (kshm stats). Called by housekeeping inside an operation.
+func (s *Session) publishCounters() {
+	st := s.counts()
+	c := &s.localHdr.Counters
+	put := func(p *uint64, v uint64) { atomic.StoreUint64(p, v) }
+	put(&c.Allocs, st.Allocs)
+	put(&c.Frees, st.Frees)
+	put(&c.FailedAllocs, st.FailedAllocs)
+	put(&c.InUseBuffers, uint64(st.InUseBuffers))
+	put(&c.InUseBytes, uint64(st.InUseBytes))
+	put(&c.MsgsSent, st.MsgsSent)
+	put(&c.MsgsRecv, st.MsgsRecv)
+	put(&c.BytesSent, st.BytesSent)
+	put(&c.BytesRecv, st.BytesRecv)
+	put(&c.WakeupsSent, st.WakeupsSent)
+	put(&c.WakeupsSaved, st.WakeupsSaved)
+	put(&c.Sleeps, st.Sleeps)
+	put(&c.InlineSent, st.InlineSent)
+	put(&c.InlineRecv, st.InlineRecv)
+	put(&c.QuotaHits, st.QuotaHits)
+	put(&c.PeerHeld, uint64(st.PeerHeld))
+}

@@ -1,0 +1,369 @@
+package shm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync/atomic"
+	"time"
+)
+
+// A slot word (Session.slotWords) is gen<<32 | state. The generation grows
+// with each allocation of the slot, so a stale Buffer never matches.
+const slotSending = 3 // being published by Send; not yet the peer's
+
+func slotWord(gen, state uint32) uint64 { return uint64(gen)<<32 | uint64(state) }
+
+// Alloc allocates a buffer of n bytes in our arena. It never blocks: it
+// fails with ErrTooLarge, ErrQuota (MaxBuffers in flight), ErrNoMemory (no
+// free block large enough) or ErrClosed. The buffer keeps our region mapped
+// until it is sent or freed.
+func (s *Session) Alloc(n int) (Buffer, error) {
+	if n < 0 || n > s.cfg.MaxMessageSize {
+		s.events.tooLarge.Add(1)
+		return Buffer{}, fmt.Errorf("%w: %d bytes, maximum %d", ErrTooLarge, n, s.cfg.MaxMessageSize)
+	}
+	if !s.life.acquireHold() { // the buffer's hold, dropped by Send or Free
+		return Buffer{}, s.closedErr()
+	}
+	s.allocMu.Lock()
+	if err := s.reclaimLocked(); err != nil {
+		s.allocMu.Unlock()
+		s.life.dropHolds(1)
+		s.fail(err)
+		return Buffer{}, s.closedErr()
+	}
+	if len(s.freeSlots) == 0 {
+		s.allocCounts.failed++
+		s.allocCounts.quotaHits++
+		s.allocMu.Unlock()
+		s.life.dropHolds(1)
+		return Buffer{}, ErrQuota
+	}
+	off, k, ok := s.buddy.alloc(uint64(n))
+	if !ok {
+		s.allocCounts.failed++
+		s.allocMu.Unlock()
+		s.life.dropHolds(1)
+		return Buffer{}, ErrNoMemory
+	}
+	slot := s.freeSlots[len(s.freeSlots)-1]
+	s.freeSlots = s.freeSlots[:len(s.freeSlots)-1]
+	w := &s.slotWords[slot]
+	gen := uint32(w.Load()>>32) + 1
+	if gen == 0 {
+		gen = 1 // generation 0 is never handed out: a zero Buffer matches nothing
+	}
+	size := uint64(MinBlockSize) << k
+	m := &s.local.slots[slot]
+	m.Off, m.Size, m.Len, m.Gen, m.ID, m.Aux = off, uint32(size), uint32(n), gen, 0, 0
+	m.Time = s.coarseNow.Load()
+	m.State = slotLocal
+	w.Store(slotWord(gen, slotLocal))
+	s.allocCounts.allocs++
+	s.allocCounts.inUseBufs++
+	s.allocCounts.inUseBytes += int64(size)
+	s.allocMu.Unlock()
+	b, _ := span(s.local.arena, off, uint64(n))
+	return Buffer{b: b, slot: slot, gen: gen}, nil
+}
+
+// Free returns a buffer that was allocated and not sent, and drops its hold
+// on our region (also after the session closed). It refuses, changing
+// nothing, a buffer already freed (ErrBufferFreed), one that was sent
+// (ErrBufferSent) and one this session did not allocate (ErrForeignBuffer).
+func (s *Session) Free(b Buffer) error {
+	if !s.ours(b) {
+		return ErrForeignBuffer
+	}
+	if err := s.takeLocal(b, slotFree); err != nil {
+		return err
+	}
+	// The slot is ours alone now, and our hold keeps the mapping.
+	s.allocMu.Lock()
+	s.freeSlotLocked(b.slot)
+	s.allocMu.Unlock()
+	s.life.dropHolds(1)
+	return nil
+}
+
+// ours reports whether b can be a buffer of this session: a slot we have,
+// a generation we hand out, and memory inside our arena. It reads no
+// mapping (the address is only compared).
+func (s *Session) ours(b Buffer) bool {
+	return b.b != nil && b.gen != 0 && b.slot < uint32(len(s.slotWords)) &&
+		inside(b.b, s.arenaBase, s.local.geo.arenaSize)
+}
+
+// takeLocal moves b's slot from local to state by compare-and-swap, or says
+// why b is not a local buffer of this session. A slot seen local again (a
+// concurrent Send that failed and gave it back) is retried.
+func (s *Session) takeLocal(b Buffer, state uint32) error {
+	w := &s.slotWords[b.slot]
+	for {
+		if w.CompareAndSwap(slotWord(b.gen, slotLocal), slotWord(b.gen, state)) {
+			return nil
+		}
+		v := w.Load()
+		switch {
+		case uint32(v>>32) != b.gen || uint32(v) == slotFree:
+			return ErrBufferFreed
+		case uint32(v) == slotSent || uint32(v) == slotSending:
+			return ErrBufferSent
+		}
+	}
+}
+
+// freeSlotLocked returns a slot whose word was just set free (by Free or by
+// reclaim) to the allocator. allocMu held; the caller holds the mapping.
+func (s *Session) freeSlotLocked(slot uint32) {
+	m := &s.local.slots[slot]
+	size := uint64(m.Size)
+	s.buddy.release(m.Off, orderFor(size))
+	m.State = slotFree
+	s.freeSlots = append(s.freeSlots, slot)
+	s.allocCounts.frees++
+	s.allocCounts.inUseBufs--
+	s.allocCounts.inUseBytes -= int64(size)
+}
+
+// reclaimLocked frees the buffers the peer has released. A release entry
+// that names a buffer the peer does not hold is corrupt input. allocMu
+// held, inside an operation or hold.
+func (s *Session) reclaimLocked() error {
+	tail := atomic.LoadUint64(&s.peerHdr.RelTail)
+	head := s.peerRelHead
+	if tail == head {
+		return nil
+	}
+	if tail-head > s.peer.geo.relEntries {
+		return fmt.Errorf("%w: release ring has %d entries pending, capacity %d", ErrCorrupt, tail-head, s.peer.geo.relEntries)
+	}
+	mask := s.peer.geo.relEntries - 1
+	for ; head != tail; head++ {
+		tok := atomic.LoadUint64(&s.peer.rel[head&mask])
+		slot, gen := uint32(tok>>32), uint32(tok)
+		if slot >= uint32(len(s.slotWords)) {
+			return fmt.Errorf("%w: release of slot %d, only %d slots", ErrCorrupt, slot, len(s.slotWords))
+		}
+		if !s.slotWords[slot].CompareAndSwap(slotWord(gen, slotSent), slotWord(gen, slotFree)) {
+			return fmt.Errorf("%w: release of slot %d generation %d, which the peer does not hold", ErrCorrupt, slot, gen)
+		}
+		s.freeSlotLocked(slot)
+		s.allocCounts.reclaimed++
+	}
+	s.peerRelHead = head
+	atomic.StoreUint64(&s.localHdr.PeerRelHead, head)
+	return nil
+}
+
+// reclaim frees what the peer has released, closing the session on corrupt
+// release entries.
+func (s *Session) reclaim() {
+	if !s.life.beginOp() {
+		return
+	}
+	s.allocMu.Lock()
+	err := s.reclaimLocked()
+	s.allocMu.Unlock()
+	s.life.endOp()
+	if err != nil {
+		s.fail(err)
+	}
+}
+
+// Send sends one message made of bufs (at most MaxSegments; none sends an
+// empty message). On success the buffers belong to the peer until it
+// releases them. On error they stay the caller's: Free them. A buffer that
+// is not ours to send is refused, and nothing is sent: ErrBufferSent (sent
+// already, or by a concurrent Send), ErrBufferFreed, ErrDuplicateBuffer (named
+// twice in bufs), ErrForeignBuffer. Send blocks only while our ring is full,
+// until there is room, ctx is done or the session closes.
+func (s *Session) Send(ctx context.Context, id, aux uint64, kind uint16, bufs ...Buffer) error {
+	if len(bufs) > MaxSegments {
+		return fmt.Errorf("%w: %d segments, at most %d", ErrTooLarge, len(bufs), MaxSegments)
+	}
+	if !s.life.beginOp() {
+		return s.closedErr()
+	}
+	var total uint64
+	for i, b := range bufs {
+		if !s.ours(b) {
+			s.life.endOp()
+			return ErrForeignBuffer
+		}
+		for _, p := range bufs[:i] {
+			if p.slot == b.slot {
+				s.life.endOp()
+				return fmt.Errorf("%w: slot %d", ErrDuplicateBuffer, b.slot)
+			}
+		}
+		total += uint64(len(b.b))
+	}
+	for i, b := range bufs {
+		if err := s.takeLocal(b, slotSending); err != nil {
+			s.unsend(bufs[:i])
+			s.life.endOp()
+			return err
+		}
+		if uint64(len(b.b)) > uint64(s.local.slots[b.slot].Len) {
+			s.unsend(bufs[:i+1])
+			s.life.endOp()
+			return ErrForeignBuffer
+		}
+	}
+	if err := s.publish(ctx, id, aux, kind, bufs, total); err != nil {
+		s.unsend(bufs)
+		s.life.endOp()
+		return err
+	}
+	s.life.endOpDropHolds(len(bufs)) // the buffers' holds pass with them
+	return nil
+}
+
+// unsend gives buffers marked sending back to the caller.
+func (s *Session) unsend(bufs []Buffer) {
+	for _, b := range bufs {
+		s.slotWords[b.slot].Store(slotWord(b.gen, slotLocal))
+	}
+}
+
+// publish writes the descriptors of one message and moves our tail, then
+// wakes the peer if it sleeps. Inside an operation.
+func (s *Session) publish(ctx context.Context, id, aux uint64, kind uint16, bufs []Buffer, total uint64) error {
+	nd := uint64(len(bufs))
+	if nd == 0 {
+		nd = 1
+	}
+	entries := s.local.geo.ringEntries
+	s.sendMu.Lock()
+	for {
+		if s.life.closed() {
+			s.sendMu.Unlock()
+			return s.closedErr()
+		}
+		head := atomic.LoadUint64(&s.peerHdr.PeerRingHead)
+		tail := s.localTail
+		used := tail - head
+		if used > entries {
+			s.sendMu.Unlock()
+			s.fail(fmt.Errorf("%w: peer's consumer index %d is ahead of our producer index %d", ErrCorrupt, head, tail))
+			return s.closedErr()
+		}
+		if used+nd <= entries {
+			break
+		}
+		s.sendMu.Unlock()
+		// tail is a copy taken under sendMu: other senders may move the
+		// real one, and the peer's head may then pass our copy, so the
+		// difference is signed. Ready only means "recheck under the lock".
+		if err := s.backoff(ctx, func() bool {
+			return int64(tail+nd-atomic.LoadUint64(&s.peerHdr.PeerRingHead)) <= int64(entries)
+		}); err != nil {
+			return err
+		}
+		s.sendMu.Lock()
+	}
+	now := s.coarseNow.Load()
+	mask := entries - 1
+	t := s.localTail
+	if len(bufs) == 0 {
+		s.local.ring[t&mask] = desc{ID: id, Aux: aux, Slot: noSlot, Seq: uint32(t), Kind: kind}
+	}
+	for i, b := range bufs {
+		m := &s.local.slots[b.slot]
+		m.ID, m.Aux, m.Time, m.State = id, aux, now, slotSent
+		s.slotWords[b.slot].Store(slotWord(b.gen, slotSent))
+		var flags uint16
+		if i < len(bufs)-1 {
+			flags = descMore
+		}
+		s.local.ring[(t+uint64(i))&mask] = desc{
+			ID: id, Aux: aux, Off: m.Off, Len: uint32(len(b.b)), Slot: b.slot, Gen: b.gen,
+			Seq: uint32(t + uint64(i)), Kind: kind, Flags: flags,
+		}
+	}
+	s.localTail = t + nd
+	atomic.StoreUint64(&s.localHdr.RingTail, s.localTail)
+	sc := &s.sendCounts
+	sc.msgs++
+	sc.bytes += total
+	sc.bufs += uint64(len(bufs))
+	wake := s.peerNeedsWake()
+	if !wake {
+		sc.wakeupsSaved++
+	}
+	s.sendMu.Unlock()
+	if wake {
+		s.wakePeer()
+	}
+	return nil
+}
+
+// backoff waits until ready() holds, polling with a growing sleep; used on
+// the rare paths that wait for the peer to consume (a full ring).
+func (s *Session) backoff(ctx context.Context, ready func() bool) error {
+	d := time.Microsecond
+	for !ready() {
+		select {
+		case <-s.done:
+			return s.closedErr()
+		case <-ctx.Done():
+			return ctxErr(ctx)
+		default:
+		}
+		time.Sleep(d)
+		if d < time.Millisecond {
+			d *= 2
+		}
+	}
+	return nil
+}
+
+func ctxErr(ctx context.Context) error {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return ErrTimeout
+	}
+	return ctx.Err()
+}
+
+// SendInline sends a message over the session socket instead of shared
+// memory: the fallback for a message that cannot get a buffer. It is
+// received like any other message (Message.Inline reports it), but is not
+// ordered with respect to messages sent through the ring. It is refused
+// (ErrTooLarge) above the peer's MaxInlineSize.
+func (s *Session) SendInline(ctx context.Context, id, aux uint64, kind uint16, data []byte) error {
+	if uint64(len(data)) > s.peerInMax {
+		return fmt.Errorf("%w: inline message of %d bytes, the peer accepts at most %d", ErrTooLarge, len(data), s.peerInMax)
+	}
+	if !s.life.beginOp() {
+		return s.closedErr()
+	}
+	defer s.life.endOp()
+	var hdr [frameHeaderSize + inlineMetaSize]byte
+	putFrameHeader(hdr[:], frameInline, uint32(inlineMetaSize+len(data)))
+	putInlineMeta(hdr[frameHeaderSize:], id, aux, kind)
+	bufs := net.Buffers{hdr[:], data}
+	s.wmu.Lock()
+	dl, hasDL := ctx.Deadline()
+	if hasDL {
+		s.conn.SetWriteDeadline(dl)
+	}
+	_, err := bufs.WriteTo(s.conn)
+	if hasDL {
+		s.conn.SetWriteDeadline(time.Time{})
+	}
+	s.unlockWriter()
+	if err != nil {
+		if isTimeout(err) {
+			// A partial frame may have been written: the stream is lost.
+			s.fail(fmt.Errorf("shm: inline write timed out: %w", err))
+			return ErrTimeout
+		}
+		s.fail(fmt.Errorf("%w: inline write: %v", ErrPeerClosed, err))
+		return s.closedErr()
+	}
+	s.events.inlineSent.Add(1)
+	return nil
+}

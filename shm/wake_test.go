@@ -1,0 +1,111 @@
+package shm
+
+import (
+	"context"
+	"testing"
+	"time"
+)
+
+// The spin budget follows the typical wait: short waits give a short
+// budget (not the whole SpinTime), long waits switch polling off, and one
+// long wait among short ones does not.
+func TestSpin_BudgetFollowsTypicalWait(t *testing.T) {
+	s := &Session{cfg: DefaultConfig()} // SpinTime 200 µs
+	s.waitAvg = int64(s.cfg.SpinTime / 2)
+	for range 50 {
+		s.observeWait(5 * time.Microsecond)
+	}
+	b := s.spinBudget()
+	if b < 5*time.Microsecond || b > 20*time.Microsecond {
+		t.Fatalf("budget %v after waits of 5 µs, want about twice the wait", b)
+	}
+	s.observeWait(time.Second) // one preempted or idle wait
+	if b := s.spinBudget(); b <= minSpin || b >= s.cfg.SpinTime {
+		t.Fatalf("budget %v after one long wait among short ones, want still polling and below SpinTime", b)
+	}
+	for range 50 {
+		s.observeWait(5 * time.Millisecond)
+	}
+	if b := s.spinBudget(); b != minSpin {
+		t.Fatalf("budget %v after waits of 5 ms, want minSpin (%v)", b, minSpin)
+	}
+	s.cfg.SpinTime = 0
+	if b := s.spinBudget(); b != 0 {
+		t.Fatalf("budget %v with SpinTime 0", b)
+	}
+}
+
+// Spinning stops while the process has more runnable goroutines than
+// processors.
+func TestSpin_StopsWhenProcessIsBusy(t *testing.T) {
+	s := &Session{cfg: DefaultConfig()}
+	now := time.Now()
+	sched.goNext.Store(now.Add(time.Hour).UnixNano()) // no refresh during the test
+	sched.cpuNext.Store(now.Add(time.Hour).UnixNano())
+	t.Cleanup(func() { sched.goNext.Store(0); sched.cpuNext.Store(0); sched.goBusy.Store(false) })
+	sched.goBusy.Store(false)
+	if !s.keepSpinning(now, now, time.Millisecond) {
+		t.Fatal("stopped spinning with budget left and an idle scheduler")
+	}
+	sched.goBusy.Store(true)
+	if s.keepSpinning(now, now, time.Millisecond) {
+		t.Fatal("kept spinning while goroutines wait for a processor")
+	}
+}
+
+// An idle session costs no CPU: a waiting receiver sleeps once and stays
+// asleep (it does not poll or wake up again) until a message comes.
+func TestSpin_IdleReceiverSleeps(t *testing.T) {
+	cli, srv := pair(t, testConfig(), testConfig())
+	errc := make(chan error, 1)
+	go func() {
+		m, err := srv.Recv(context.Background())
+		srv.Release(&m)
+		errc <- err
+	}()
+	for srv.Stats().Sleeps == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(3 * housekeepEvery) // housekeeping passes must not wake it
+	if n := srv.Stats().Sleeps; n != 1 {
+		t.Fatalf("idle receiver slept %d times, want once", n)
+	}
+	send(t, cli, 1, []byte("wake"))
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// machineRunnable reads /proc/loadavg; sampling allocates nothing (it runs
+// in pollers).
+func TestSched_SamplingAllocatesNothing(t *testing.T) {
+	sched.mu.Lock()
+	n, ok := sched.machineRunnable()
+	sched.mu.Unlock()
+	if !ok || n < 1 {
+		t.Fatalf("machineRunnable = %d, %v; want at least this thread", n, ok)
+	}
+	for _, c := range []struct {
+		in   string
+		n    int
+		isOK bool
+	}{
+		{"0.52 0.58 0.59 3/467 12345\n", 3, true},
+		{"0.52 0.58 0.59 12/467 1\n", 12, true},
+		{"0.52 0.58 0.59 x/467 1\n", 0, false},
+		{"0.52 0.58", 0, false},
+		{"", 0, false},
+	} {
+		if n, ok := parseRunnable([]byte(c.in)); n != c.n || ok != c.isOK {
+			t.Errorf("parseRunnable(%q) = %d, %v; want %d, %v", c.in, n, ok, c.n, c.isOK)
+		}
+	}
+	allocs := testing.AllocsPerRun(100, func() {
+		sched.goNext.Store(0)
+		sched.cpuNext.Store(0)
+		sched.refresh(time.Now().UnixNano())
+	})
+	if allocs != 0 {
+		t.Fatalf("a scheduler sample allocates %v times", allocs)
+	}
+}
