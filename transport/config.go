@@ -172,4 +172,3 @@ func DefaultSocketPath(service string) (string, error) {
 	}
 	return p, nil
 }
-

@@ -20,7 +20,9 @@ func NewCliTransHandlerFactory(inner remote.ClientTransHandlerFactory) remote.Cl
 	return cliFactory{inner: inner}
 }
 
-type cliFactory struct{ inner remote.ClientTransHandlerFactory }
+type cliFactory struct {
+	inner remote.ClientTransHandlerFactory
+}
 
 func (f cliFactory) NewTransHandler(opt *remote.ClientOption) (remote.ClientTransHandler, error) {
 	own, err := trans.NewDefaultCliTransHandler(opt, newExtension(false))

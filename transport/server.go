@@ -62,12 +62,12 @@ func (f *transServerFactory) NewTransServer(opt *remote.ServerOption, hdl remote
 
 // TransServer is the composite trans server of WithServerShmIPC.
 type TransServer struct {
-	opt      *remote.ServerOption
-	hdl      remote.ServerTransHandler
-	cfg      Config
-	inner    remote.TransServer
-	service  func() string
-	initErr  error
+	opt     *remote.ServerOption
+	hdl     remote.ServerTransHandler
+	cfg     Config
+	inner   remote.TransServer
+	service func() string
+	initErr error
 
 	// Set when the socket is published (listenUnix), read-only after.
 	path     string        // the socket
@@ -81,14 +81,14 @@ type TransServer struct {
 	queued       atomic.Int64 // requests received on sessions, not yet being served
 	shuttingDown atomic.Bool
 
-	mu       sync.Mutex // guards ln, lnFile, sessions, plain, accepted
-	ln       *net.UnixListener
-	lnFile   os.FileInfo // the socket file ln created
+	mu          sync.Mutex // guards ln, lnFile, sessions, plain, accepted
+	ln          *net.UnixListener
+	lnFile      os.FileInfo // the socket file ln created
 	sessions    map[*serverSession]struct{}
 	handshaking int // sessions in their handshake (counted against the limits)
 	plain       map[*plainConn]struct{}
 	accepted    map[net.Conn]struct{} // conns still reading their preface
-	wg       sync.WaitGroup        // accept loop and connection goroutines
+	wg          sync.WaitGroup        // accept loop and connection goroutines
 }
 
 // SocketPath is where the server accepts kshm sessions (known once the
