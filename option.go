@@ -337,7 +337,36 @@ type Stats struct {
 	// than the maximum message size.
 	InlineNoMemory, InlineQuota, InlineTooLarge uint64
 
+	// Client and Server separate the two sides of this process.
+	Client ClientStats
+	Server ServerStats
+
 	Engine shm.Stats // the engine's counters
+}
+
+// ClientStats are the client side's counters (every Kitex client of the
+// process together).
+type ClientStats struct {
+	Sessions       int64  // client sessions open now
+	SessionsDialed uint64 // established
+	SessionsLost   uint64 // died (server gone, error)
+	SharedPools    int    // socket paths (and settings) in use, each shared by every client of the process
+	Conns          int64  // virtual connections open now
+	CallsShm       uint64 // requests sent over a session (shared memory or its socket)
+	CallsInline    uint64 // of those, requests sent over the session socket
+	CallsFallback  uint64 // calls sent as plain Kitex by the fallback pool (other instance, or no session)
+	LateResponses  uint64 // responses to calls that had given up
+}
+
+// ServerStats are the server side's counters.
+type ServerStats struct {
+	Sessions         int64  // server sessions open now
+	SessionsAccepted uint64 // accepted
+	SessionsRefused  uint64 // refused for WithServerLimits (those clients are served as plain Kitex)
+	Conns            int64  // virtual connections open now
+	CallsServed      uint64 // requests served from sessions
+	InlineResponses  uint64 // responses sent over the session socket
+	PlainConns       uint64 // plain Kitex connections accepted on the socket
 }
 
 // ReadStats returns kshm's process-wide counters.
@@ -366,6 +395,26 @@ func ReadStats() Stats {
 		PlainConns:      t.PlainConns,
 		ClientConns:     t.ClientConns,
 		ServerConns:     t.ServerConns,
-		Engine:          e,
+		Client: ClientStats{
+			Sessions:       t.ClientSessions,
+			SessionsDialed: t.SessionsDialed,
+			SessionsLost:   t.SessionsLost,
+			SharedPools:    transport.SharedPools(),
+			Conns:          t.ClientConns,
+			CallsShm:       t.CallsSent,
+			CallsInline:    t.InlineRequests,
+			CallsFallback:  t.FallbackCalls,
+			LateResponses:  t.LateResponses,
+		},
+		Server: ServerStats{
+			Sessions:         t.ServerSessions,
+			SessionsAccepted: t.SessionsAccepted,
+			SessionsRefused:  t.SessionsRefused,
+			Conns:            t.ServerConns,
+			CallsServed:      t.CallsServed,
+			InlineResponses:  t.InlineResponses,
+			PlainConns:       t.PlainConns,
+		},
+		Engine: e,
 	}
 }

@@ -42,6 +42,7 @@ const (
 	envExitWait = "KSHM_T_EXITWAIT" // server.WithExitWaitTime, ms
 	envAddr     = "KSHM_T_ADDR"     // TCP listen address (default 127.0.0.1:0)
 	envReuse    = "KSHM_T_REUSE"    // "1": listen with SO_REUSEPORT (a replacement server)
+	envMaxSess  = "KSHM_T_MAXSESS"  // kshm.WithServerLimits sessions
 )
 
 const serviceName = "kshm-test"
@@ -163,6 +164,9 @@ func runServer() int {
 		}
 		if n := envInt(envMaxMsg); n > 0 {
 			kopts = append(kopts, kshm.WithMaxMessageSize(n))
+		}
+		if n := envInt(envMaxSess); n > 0 {
+			kopts = append(kopts, kshm.WithServerLimits(n, 1<<40))
 		}
 		opts = append(opts, kshm.WithServerShmIPC(kopts...))
 	}
