@@ -231,8 +231,10 @@ func (p *ClientPool) startReconnect(sl *slot) {
 
 func (p *ClientPool) reconnect(sl *slot) {
 	defer p.wg.Done()
+	// The first attempt is immediate: after a go-away the socket usually
+	// leads to the server that replaced this one already.
 	backoff := p.cfg.ReconnectMin
-	t := time.NewTimer(backoff)
+	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
 		select {
@@ -252,11 +254,11 @@ func (p *ClientPool) reconnect(sl *slot) {
 			klog.Infof("kshm: session to %s re-established", p.path)
 			return
 		}
+		t.Reset(backoff)
 		backoff *= 2
 		if backoff > p.cfg.ReconnectMax {
 			backoff = p.cfg.ReconnectMax
 		}
-		t.Reset(backoff)
 	}
 }
 

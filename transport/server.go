@@ -9,6 +9,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cloudwego/kitex/pkg/klog"
@@ -46,6 +47,7 @@ func (f *transServerFactory) NewTransServer(opt *remote.ServerOption, hdl remote
 		hdl:      hdl,
 		cfg:      f.cfg,
 		service:  f.service,
+		stopc:    make(chan struct{}),
 		sessions: make(map[*serverSession]struct{}),
 		plain:    make(map[*plainConn]struct{}),
 		accepted: make(map[net.Conn]struct{}),
@@ -75,7 +77,8 @@ type TransServer struct {
 	alias    string        // the service-name symlink to it, "" if none
 	ann      *announce     // what every session is told first
 
-	refusedOnce sync.Once // logging of the first session refused for a limit
+	refusedOnce sync.Once     // logging of the first session refused for a limit
+	stopc       chan struct{} // closed by Shutdown
 
 	inflight     atomic.Int64 // requests being served on the unix socket
 	queued       atomic.Int64 // requests received on sessions, not yet being served
@@ -179,9 +182,80 @@ func (ts *TransServer) BootstrapServer(ln net.Listener) error {
 	uln, path := ts.ln, ts.path
 	ts.mu.Unlock()
 	klog.Infof("KITEX: kshm server accepting on %s", path)
-	ts.wg.Add(1)
+	ts.wg.Add(2)
 	go ts.acceptLoop(uln)
+	go ts.watchSocket()
 	return ts.inner.BootstrapServer(ln)
+}
+
+// watchSocket takes the socket path back when the server that replaced
+// this one is gone (killed during a handover, or stopped and removed its
+// socket) while this one still runs: clients then return to a live server.
+func (ts *TransServer) watchSocket() {
+	defer ts.wg.Done()
+	t := time.NewTicker(watchInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ts.stopc:
+			return
+		case <-t.C:
+		}
+		ts.mu.Lock()
+		path, ours := ts.path, ts.lnFile
+		ts.mu.Unlock()
+		if ours == nil {
+			return
+		}
+		fi, err := os.Stat(path)
+		if err == nil && os.SameFile(fi, ours) {
+			continue
+		}
+		if err == nil {
+			// Another server's socket: leave it while it accepts. (Closing
+			// at once, before sending anything, is not logged there.)
+			c, derr := net.DialTimeout("unix", path, time.Second)
+			if derr == nil {
+				c.Close()
+				continue
+			}
+			if !errors.Is(derr, syscall.ECONNREFUSED) && !errors.Is(derr, os.ErrNotExist) {
+				continue
+			}
+		} else if !errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err := ts.republish(); err != nil {
+			klog.Warnf("kshm: taking %s back: %v", path, err)
+		}
+	}
+}
+
+// watchInterval is how often a server checks that its socket path still
+// leads to a live server.
+const watchInterval = 500 * time.Millisecond
+
+// republish binds the socket path anew and accepts on it.
+func (ts *TransServer) republish() error {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.shuttingDown.Load() || ts.ln == nil {
+		return nil
+	}
+	ln, fi, err := bindReplace(ts.path, ts.cfg.Shm.SocketMode, shm.ListenUnix)
+	if err != nil {
+		return err
+	}
+	if ts.alias != "" {
+		_ = publishAlias(ts.alias, ts.path)
+	}
+	old := ts.ln
+	ts.ln, ts.lnFile = ln, fi
+	old.Close() // its path is gone: nobody can connect to it any more
+	ts.wg.Add(1)
+	go ts.acceptLoop(ln)
+	klog.Infof("KITEX: kshm server took %s back (the server that had replaced it is gone)", ts.path)
+	return nil
 }
 
 func (ts *TransServer) acceptLoop(ln *net.UnixListener) {
@@ -369,6 +443,7 @@ func (ts *TransServer) Shutdown() error {
 		innerErr <- ts.inner.Shutdown()
 	}()
 
+	close(ts.stopc)
 	ts.closeListener()
 	ts.mu.Lock()
 	sessions := make([]*serverSession, 0, len(ts.sessions))
