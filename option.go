@@ -259,7 +259,7 @@ func applyClient(o *client.Options, cfg transport.Config, explicitIdle bool) {
 	}
 	if o.PoolCfg != nil && !explicitIdle {
 		// Kitex's long-pool settings govern idle virtual connections too.
-		cfg.MaxIdleConns = max(o.PoolCfg.MaxIdlePerAddress, 1)
+		cfg.MaxIdleConns = max((o.PoolCfg.MaxIdlePerAddress+cfg.Sessions-1)/cfg.Sessions, 1) // per session
 		cfg.MaxIdleTimeout = o.PoolCfg.MaxIdleTimeout
 	}
 	unixPath := ""

@@ -12,6 +12,7 @@ import (
 
 	"github.com/cloudwego/kitex/client"
 	"github.com/cloudwego/kitex/pkg/endpoint"
+	"github.com/cloudwego/kitex/pkg/remote/trans/netpoll"
 	"github.com/cloudwego/kitex/pkg/rpcinfo"
 	"github.com/cloudwego/kitex/server"
 	ktransport "github.com/cloudwego/kitex/transport"
@@ -333,5 +334,26 @@ func TestDefaultSocketPath(t *testing.T) {
 	}
 	if _, err := transport.DefaultSocketPath(strings.Repeat("n", 200)); !errors.Is(err, transport.ErrBadConfig) {
 		t.Fatalf("too long: %v", err)
+	}
+}
+
+// A trans server factory given after WithServerShmIPC would take kshm out of
+// the server: Run fails naming the conflict.
+func TestWithServerShmIPC_TransServerFactoryAfterRefused(t *testing.T) {
+	svr := echoservice.NewServer(&nopEcho{},
+		server.WithServiceAddr(&tcpAddr{"127.0.0.1:0"}),
+		kshm.WithServerShmIPC(kshm.WithSocketPath(filepath.Join(t.TempDir(), "s.sock"))),
+		server.WithTransServerFactory(netpoll.NewTransServerFactory()),
+	)
+	errc := make(chan error, 1)
+	go func() { errc <- svr.Run() }()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, transport.ErrConflict) || !strings.Contains(err.Error(), "WithTransServerFactory") {
+			t.Fatalf("Run: %v, want a conflict naming WithTransServerFactory", err)
+		}
+	case <-time.After(20 * time.Second):
+		svr.Stop()
+		t.Fatal("Run did not fail")
 	}
 }

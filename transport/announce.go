@@ -170,7 +170,7 @@ func (a *announce) serves(ap netip.AddrPort) bool {
 
 // sendAnnounce sends the announcement as the session's first message.
 func sendAnnounce(ctx context.Context, s *shm.Session, a *announce) error {
-	b, err := json.Marshal(a)
+	b, err := jsonMarshal(a)
 	if err != nil {
 		return err
 	}
@@ -221,3 +221,5 @@ func parseAnnounce(b []byte) (*announce, error) {
 	}
 	return &a, nil
 }
+
+func jsonMarshal(a *announce) ([]byte, error) { return json.Marshal(a) }

@@ -31,7 +31,13 @@ func (f cliFactory) NewTransHandler(opt *remote.ClientOption) (remote.ClientTran
 	}
 	h := &cliHandler{own: own, inner: own}
 	if f.inner != nil {
-		if h.inner, err = f.inner.NewTransHandler(opt); err != nil {
+		// The inner handler sees the pool it serves: the fallback pool
+		// (a mux handler insists on its own pool).
+		io := *opt
+		if rp, ok := opt.ConnPool.(*RoutePool); ok {
+			io.ConnPool = rp.fallback
+		}
+		if h.inner, err = f.inner.NewTransHandler(&io); err != nil {
 			return nil, err
 		}
 	}
