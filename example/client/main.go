@@ -43,6 +43,7 @@ func run() error {
 		concurrency = flag.Int("concurrency", 1, "concurrent callers")
 		timeout     = flag.Duration("timeout", 3*time.Second, "RPC timeout")
 		compareTCP  = flag.Bool("compare-tcp", true, "also measure each size over plain Kitex on the server's TCP address (no kshm), side by side")
+		load        = flag.Bool("load", false, "instead: call Echo at the first of -sizes from -concurrency goroutines until stdin says stop, printing which server answered (see runLoad)")
 	)
 	flag.Parse()
 	if *addr == "" || *socketPath == "" {
@@ -76,6 +77,9 @@ func run() error {
 	opts, err := common(true)
 	if err != nil {
 		return err
+	}
+	if *load {
+		return runLoad(opts, sizes[0], *concurrency, os.Stdin, os.Stdout)
 	}
 	echoCli, err := newClient(echoservice.NewClient, opts)
 	if err != nil {

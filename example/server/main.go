@@ -6,6 +6,11 @@
 //	ready <tcp-addr> <socket-path>
 //
 // and it stops gracefully on SIGTERM or SIGINT.
+//
+// With -reuse-port it listens on its TCP address through Kitex's
+// server.WithReusePort(true), so that a second server started with the same
+// flags shares the port and takes kshm's socket path over: the upgrade
+// procedure of the README (see example/run -upgrade).
 package main
 
 import (
@@ -42,6 +47,7 @@ func run() error {
 		maxMessage = flag.Int("max-message", 0, "largest message kshm carries in shared memory, in `bytes` (0: kshm's default); larger ones fall back")
 		wakeMode   = flag.String("wake", "", "kshm wake `mode`: notify, poll or timed (empty: kshm's default)")
 		exitWait   = flag.Duration("exit-wait", 3*time.Second, "how long a graceful stop waits for calls in flight")
+		reusePort  = flag.Bool("reuse-port", false, "listen with server.WithReusePort(true): a replacement server started with the same flags shares the TCP port (port 0 picks a free port first)")
 	)
 	flag.Parse()
 
@@ -49,9 +55,22 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", *addr)
-	if err != nil {
-		return err
+	// The TCP side: a listener of our own, or, with -reuse-port, the address
+	// Kitex listens on with SO_REUSEPORT.
+	var tcpOpt server.Option
+	var tcpAddr net.Addr
+	if *reusePort {
+		a, err := resolveReuseAddr(*addr)
+		if err != nil {
+			return err
+		}
+		tcpOpt, tcpAddr = server.WithServiceAddr(a), a
+	} else {
+		ln, err := net.Listen("tcp", *addr)
+		if err != nil {
+			return err
+		}
+		tcpOpt, tcpAddr = server.WithListener(ln), ln.Addr()
 	}
 
 	stop := make(chan error, 1)
@@ -68,7 +87,8 @@ func run() error {
 
 	eh := &echoHandler{}
 	svr, err := newServer(
-		server.WithListener(ln),
+		tcpOpt,
+		server.WithReusePort(*reusePort),
 		server.WithServerBasicInfo(&rpcinfo.EndpointBasicInfo{ServiceName: "kshm-example"}),
 		server.WithMetaHandler(transmeta.ServerTTHeaderHandler),
 		server.WithCompatibleMiddlewareForUnary(),
@@ -96,11 +116,30 @@ func run() error {
 		_ = svr.Stop()
 		return err
 	}
-	fmt.Printf("ready %s %s\n", ln.Addr(), *socketPath)
+	fmt.Printf("ready %s %s\n", tcpAddr, *socketPath)
 
 	err = <-runErr
 	fmt.Fprintf(os.Stderr, "server: stopped (%d notifications received)\n", eh.notified.Load())
 	return err
+}
+
+// resolveReuseAddr resolves the TCP address a -reuse-port server serves on.
+// Port 0 becomes a free port: one the kernel picks for a listener opened
+// and closed at once (the server, or its replacement, then listens there).
+func resolveReuseAddr(addr string) (*net.TCPAddr, error) {
+	a, err := net.ResolveTCPAddr("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	if a.Port != 0 {
+		return a, nil
+	}
+	ln, err := net.ListenTCP("tcp", a)
+	if err != nil {
+		return nil, err
+	}
+	a = ln.Addr().(*net.TCPAddr)
+	return a, ln.Close()
 }
 
 // isNew reports whether fi is not the file old (nil: there was none).
