@@ -3,7 +3,7 @@
 
 GO ?= go
 
-.PHONY: all build test example bench bench-quick gen fuzz vet soak clean
+.PHONY: all build test example example-upgrade bench bench-quick gen fuzz vet soak clean
 
 all: build
 
@@ -28,6 +28,14 @@ vet:
 # address), prints both side by side, stops the server.
 example:
 	$(GO) run ./example/run
+
+# Zero-downtime replacement: the example server replaced twice (a new server
+# with the same flags, then SIGTERM to the old one) while a client calls it
+# from 8 goroutines with 16 KiB payloads, every response verified; prints
+# each phase's calls and which server answered them over which transport,
+# and fails if any call failed.
+example-upgrade:
+	$(GO) run ./example/run -upgrade
 
 # Cross-process benchmarks: kshm against its baselines, alternated in rounds,
 # with the machine's calibration. bench-quick (a few minutes) writes
