@@ -73,6 +73,7 @@ func run(sigCtx context.Context, args []string, stdout, stderr io.Writer) error 
 		upgradeMode = fs.Bool("upgrade", false, "instead: replace the server under load (-replacements times, -phase apart) and count failed calls")
 		repl        = fs.Int("replacements", 2, "upgrade: how many times the server is replaced")
 		phaseLen    = fs.Duration("phase", time.Second, "upgrade: how long each phase of the replacement lasts")
+		zeroConfig  = fs.Bool("zero-config", false, "upgrade: no socket path on either side (kshm's per-host directory, under a temporary TMPDIR)")
 	)
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -91,7 +92,7 @@ func run(sigCtx context.Context, args []string, stdout, stderr io.Writer) error 
 
 	if *upgradeMode {
 		cfg := upgradeConfig{race: *race, concurrency: 8, size: 16 << 10, phase: *phaseLen, replacements: *repl,
-			readyWait: *readyWait, stopWait: *stopWait, shared: shared}
+			readyWait: *readyWait, stopWait: *stopWait, shared: shared, zeroConfig: *zeroConfig}
 		fs.Visit(func(f *flag.Flag) {
 			if f.Name == "concurrency" {
 				cfg.concurrency = *concurrency

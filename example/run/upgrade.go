@@ -29,6 +29,9 @@ type upgradeConfig struct {
 	readyWait    time.Duration // for a server to be ready, and the client to call
 	stopWait     time.Duration // for a server to exit after SIGTERM
 	shared       []string      // kshm flags for the server and the client
+	// zeroConfig: no socket path on either side; the server publishes its
+	// socket in kshm's per-host directory (under a temporary TMPDIR).
+	zeroConfig bool
 }
 
 // phase is one phase of the run: what the client's calls did in it.
@@ -106,14 +109,16 @@ type serverProc struct {
 	cmd    *exec.Cmd
 	pid    int
 	addr   string     // its TCP address, from its ready line
+	sock   string     // its kshm socket path, from its ready line
 	done   chan error // its exit status, once
 	exited bool
 }
 
 // startServer starts the server binary with args and waits until it is
 // ready (its kshm socket is its own, in place at the path).
-func startServer(ctx context.Context, bin string, args []string, stderr io.Writer, readyWait time.Duration) (*serverProc, error) {
+func startServer(ctx context.Context, bin string, args, env []string, stderr io.Writer, readyWait time.Duration) (*serverProc, error) {
 	cmd := exec.Command(bin, args...)
+	cmd.Env = env
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
@@ -123,14 +128,14 @@ func startServer(ctx context.Context, bin string, args []string, stderr io.Write
 		return nil, fmt.Errorf("start server: %w", err)
 	}
 	s := &serverProc{cmd: cmd, pid: cmd.Process.Pid, done: make(chan error, 1)}
-	ready := make(chan string, 1)
+	ready := make(chan []string, 1)
 	go func() {
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
 			line := sc.Text()
 			if f := strings.Fields(line); len(f) == 3 && f[0] == "ready" {
 				select {
-				case ready <- f[1]:
+				case ready <- f[1:]:
 				default:
 				}
 			}
@@ -139,7 +144,8 @@ func startServer(ctx context.Context, bin string, args []string, stderr io.Write
 		s.done <- cmd.Wait()
 	}()
 	select {
-	case s.addr = <-ready:
+	case a := <-ready:
+		s.addr, s.sock = a[0], a[1]
 		return s, nil
 	case err := <-s.done:
 		s.exited = true
@@ -190,8 +196,9 @@ type loadClient struct {
 	done  chan error
 }
 
-func startLoadClient(bin string, args []string, stderr io.Writer) (*loadClient, error) {
+func startLoadClient(bin string, args, env []string, stderr io.Writer) (*loadClient, error) {
 	cmd := exec.Command(bin, args...)
+	cmd.Env = env
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		return nil, err
@@ -279,8 +286,12 @@ func upgrade(ctx context.Context, cfg upgradeConfig, stdout, stderr io.Writer) (
 	}
 	serverBin, clientBin := filepath.Join(dir, "server"), filepath.Join(dir, "client")
 
-	sock := filepath.Join(dir, "kshm.sock")
-	srv, err := startServer(ctx, serverBin, append([]string{"-addr", "127.0.0.1:0", "-socket", sock, "-reuse-port", "-exit-wait", "10s"}, cfg.shared...), stderr, cfg.readyWait)
+	sockFlag, env := "-socket="+filepath.Join(dir, "kshm.sock"), os.Environ()
+	if cfg.zeroConfig {
+		// kshm's per-host directory is under os.TempDir: this run's own.
+		sockFlag, env = "-socket=", append(env, "TMPDIR="+dir)
+	}
+	srv, err := startServer(ctx, serverBin, append([]string{"-addr", "127.0.0.1:0", sockFlag, "-reuse-port", "-exit-wait", "10s"}, cfg.shared...), env, stderr, cfg.readyWait)
 	if err != nil {
 		return nil, err
 	}
@@ -291,11 +302,15 @@ func upgrade(ctx context.Context, cfg upgradeConfig, stdout, stderr io.Writer) (
 		}
 	}()
 	// Every server after the first: the same flags, its TCP port included.
-	serverArgs := append([]string{"-addr", srv.addr, "-socket", sock, "-reuse-port", "-exit-wait", "10s"}, cfg.shared...)
-	fmt.Fprintf(stdout, "upgrade: server %d ready: tcp %s (SO_REUSEPORT), kshm %s\n", srv.pid, srv.addr, sock)
+	serverArgs := append([]string{"-addr", srv.addr, sockFlag, "-reuse-port", "-exit-wait", "10s"}, cfg.shared...)
+	how := "-socket"
+	if cfg.zeroConfig {
+		how = "zero-config: no -socket on either side"
+	}
+	fmt.Fprintf(stdout, "upgrade: server %d ready: tcp %s (SO_REUSEPORT), kshm %s (%s)\n", srv.pid, srv.addr, srv.sock, how)
 
-	cli, err := startLoadClient(clientBin, append([]string{"-load", "-addr", srv.addr, "-socket", sock,
-		"-concurrency", strconv.Itoa(cfg.concurrency), "-sizes", strconv.Itoa(cfg.size)}, cfg.shared...), stderr)
+	cli, err := startLoadClient(clientBin, append([]string{"-load", "-addr", srv.addr, sockFlag,
+		"-concurrency", strconv.Itoa(cfg.concurrency), "-sizes", strconv.Itoa(cfg.size)}, cfg.shared...), env, stderr)
 	if err != nil {
 		return nil, err
 	}
@@ -338,7 +353,7 @@ func upgrade(ctx context.Context, cfg upgradeConfig, stdout, stderr io.Writer) (
 	}
 	for i := 1; i <= cfg.replacements; i++ {
 		old := srv
-		nw, err := startServer(ctx, serverBin, serverArgs, stderr, cfg.readyWait)
+		nw, err := startServer(ctx, serverBin, serverArgs, env, stderr, cfg.readyWait)
 		if err != nil {
 			return nil, fmt.Errorf("replacement %d: %w", i, err)
 		}

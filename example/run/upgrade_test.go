@@ -13,36 +13,47 @@ import (
 // replacement's old server exited on SIGTERM, and after each replacement the
 // calls went over shared memory to the new server.
 func TestRun_Upgrade(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	cfg := upgradeConfig{race: raceEnabled, concurrency: 8, size: 16 << 10, phase: 300 * time.Millisecond, replacements: 2,
-		readyWait: 60 * time.Second, stopWait: 30 * time.Second}
-	var stdout, logs syncBuffer
-	rep, err := upgrade(ctx, cfg, &stdout, &logs)
-	t.Log("output:\n" + stdout.String())
-	if err != nil {
-		t.Log("logs:\n" + logs.String())
-		t.Fatalf("upgrade: %v", err)
-	}
-	if rep.Total.Calls == 0 || rep.Total.Failed != 0 || rep.Total.Mismatched != 0 {
-		t.Fatalf("%d calls, %d failed, %d mismatched", rep.Total.Calls, rep.Total.Failed, rep.Total.Mismatched)
-	}
-	if len(rep.Replacements) != 2 {
-		t.Fatalf("%d replacements, want 2", len(rep.Replacements))
-	}
-	seen := map[int]bool{}
-	for i, r := range rep.Replacements {
-		if r.OldPid == r.NewPid || seen[r.NewPid] {
-			t.Errorf("replacement %d: %d -> %d is not a new server", i+1, r.OldPid, r.NewPid)
-		}
-		seen[r.OldPid], seen[r.NewPid] = true, true
-		if r.After.shmTo(r.NewPid) == 0 || !r.After.allLastShmTo(r.NewPid) {
-			t.Errorf("replacement %d: after %d exited: answered %s, last calls %+v; want shared memory to %d",
-				i+1, r.OldPid, r.After.answeredBy(), r.After.Last, r.NewPid)
-		}
-	}
-	if !strings.Contains(stdout.String(), "upgrade: PASS") {
-		t.Error("no PASS verdict printed")
+	for _, tc := range []struct {
+		name         string
+		zeroConfig   bool
+		replacements int
+	}{
+		{"socket-path", false, 2},
+		{"zero-config", true, 1}, // no socket path on either side
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			cfg := upgradeConfig{race: raceEnabled, concurrency: 8, size: 16 << 10, phase: 300 * time.Millisecond,
+				replacements: tc.replacements, readyWait: 60 * time.Second, stopWait: 30 * time.Second, zeroConfig: tc.zeroConfig}
+			var stdout, logs syncBuffer
+			rep, err := upgrade(ctx, cfg, &stdout, &logs)
+			t.Log("output:\n" + stdout.String())
+			if err != nil {
+				t.Log("logs:\n" + logs.String())
+				t.Fatalf("upgrade: %v", err)
+			}
+			if rep.Total.Calls == 0 || rep.Total.Failed != 0 || rep.Total.Mismatched != 0 {
+				t.Fatalf("%d calls, %d failed, %d mismatched", rep.Total.Calls, rep.Total.Failed, rep.Total.Mismatched)
+			}
+			if len(rep.Replacements) != tc.replacements {
+				t.Fatalf("%d replacements, want %d", len(rep.Replacements), tc.replacements)
+			}
+			seen := map[int]bool{}
+			for i, r := range rep.Replacements {
+				if r.OldPid == r.NewPid || seen[r.NewPid] {
+					t.Errorf("replacement %d: %d -> %d is not a new server", i+1, r.OldPid, r.NewPid)
+				}
+				seen[r.OldPid], seen[r.NewPid] = true, true
+				if r.After.shmTo(r.NewPid) == 0 || !r.After.allLastShmTo(r.NewPid) {
+					t.Errorf("replacement %d: after %d exited: answered %s, last calls %+v; want shared memory to %d",
+						i+1, r.OldPid, r.After.answeredBy(), r.After.Last, r.NewPid)
+				}
+			}
+			if !strings.Contains(stdout.String(), "upgrade: PASS") {
+				t.Error("no PASS verdict printed")
+			}
+		})
 	}
 }
 

@@ -30,6 +30,7 @@ import (
 
 	"github.com/shmkit/kshm/example/kitex_gen/echo/echoservice"
 	"github.com/shmkit/kshm/example/kitex_gen/echo/mathservice"
+	"github.com/shmkit/kshm/transport"
 )
 
 func main() {
@@ -42,7 +43,7 @@ func main() {
 func run() error {
 	var (
 		addr       = flag.String("addr", "127.0.0.1:0", "TCP `address` to serve on (port 0 picks a free port)")
-		socketPath = flag.String("socket", filepath.Join(os.TempDir(), "kshm-example.sock"), "unix socket `path` kshm listens on")
+		socketPath = flag.String("socket", filepath.Join(os.TempDir(), "kshm-example.sock"), "unix socket `path` kshm listens on (empty: kshm's zero-config path for the TCP address, in its per-host directory)")
 		regionSize = flag.Int("region-size", 0, "kshm region size in `bytes` per session side (0: kshm's default)")
 		maxMessage = flag.Int("max-message", 0, "largest message kshm carries in shared memory, in `bytes` (0: kshm's default); larger ones fall back")
 		wakeMode   = flag.String("wake", "", "kshm wake `mode`: notify, poll or timed (empty: kshm's default)")
@@ -85,6 +86,14 @@ func run() error {
 		stop <- nil
 	}()
 
+	// Where kshm's socket will be: -socket, or the zero-config path.
+	sockPath := *socketPath
+	if sockPath == "" {
+		if sockPath, err = transport.LocalSocketPath(tcpAddr); err != nil {
+			return err
+		}
+	}
+
 	eh := &echoHandler{}
 	svr, err := newServer(
 		tcpOpt,
@@ -109,14 +118,14 @@ func run() error {
 	// Run blocks until the exit signal; announce readiness once both the TCP
 	// listener and kshm's socket are there (a new socket: a file left at the
 	// path by an earlier server does not count).
-	old, _ := os.Stat(*socketPath) // nil if there is none
+	old, _ := os.Stat(sockPath) // nil if there is none
 	runErr := make(chan error, 1)
 	go func() { runErr <- svr.Run() }()
-	if err := waitSocket(*socketPath, old, 10*time.Second, runErr); err != nil {
+	if err := waitSocket(sockPath, old, 10*time.Second, runErr); err != nil {
 		_ = svr.Stop()
 		return err
 	}
-	fmt.Printf("ready %s %s\n", tcpAddr, *socketPath)
+	fmt.Printf("ready %s %s\n", tcpAddr, sockPath)
 
 	err = <-runErr
 	fmt.Fprintf(os.Stderr, "server: stopped (%d notifications received)\n", eh.notified.Load())
