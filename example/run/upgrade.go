@@ -32,6 +32,8 @@ type upgradeConfig struct {
 	// zeroConfig: no socket path on either side; the server publishes its
 	// socket in kshm's per-host directory (under a temporary TMPDIR).
 	zeroConfig bool
+	// binDir holds server and client already built (empty: build them).
+	binDir string
 }
 
 // phase is one phase of the run: what the client's calls did in it.
@@ -260,6 +262,20 @@ func (c *loadClient) mark(name string, timeout time.Duration) (phase, error) {
 	return p, json.Unmarshal([]byte(js), &p.Phase)
 }
 
+// buildExample builds the example server and client into dir.
+func buildExample(dir string, race bool, stderr io.Writer) error {
+	args := []string{"build", "-o", dir + string(filepath.Separator)}
+	if race {
+		args = append(args, "-race")
+	}
+	build := exec.Command(goCommand(), append(args, serverPkg, clientPkg)...)
+	build.Stdout, build.Stderr = stderr, stderr
+	if err := build.Run(); err != nil {
+		return fmt.Errorf("go build: %w", err)
+	}
+	return nil
+}
+
 // upgrade runs the upgrade demonstration: a server, a client calling it
 // from several goroutines with verified responses, and the server replaced
 // cfg.replacements times the way the README's "Upgrading a server" says (a
@@ -274,17 +290,15 @@ func upgrade(ctx context.Context, cfg upgradeConfig, stdout, stderr io.Writer) (
 	}
 	defer os.RemoveAll(dir)
 
-	fmt.Fprintln(stdout, "upgrade: building server and client")
-	buildArgs := []string{"build", "-o", dir + string(filepath.Separator)}
-	if cfg.race {
-		buildArgs = append(buildArgs, "-race")
+	binDir := cfg.binDir
+	if binDir == "" {
+		fmt.Fprintln(stdout, "upgrade: building server and client")
+		if err := buildExample(dir, cfg.race, stderr); err != nil {
+			return nil, err
+		}
+		binDir = dir
 	}
-	build := exec.Command(goCommand(), append(buildArgs, serverPkg, clientPkg)...)
-	build.Stdout, build.Stderr = stderr, stderr
-	if err := build.Run(); err != nil {
-		return nil, fmt.Errorf("go build: %w", err)
-	}
-	serverBin, clientBin := filepath.Join(dir, "server"), filepath.Join(dir, "client")
+	serverBin, clientBin := filepath.Join(binDir, "server"), filepath.Join(binDir, "client")
 
 	sockFlag, env := "-socket="+filepath.Join(dir, "kshm.sock"), os.Environ()
 	if cfg.zeroConfig {

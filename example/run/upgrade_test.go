@@ -13,6 +13,13 @@ import (
 // replacement's old server exited on SIGTERM, and after each replacement the
 // calls went over shared memory to the new server.
 func TestRun_Upgrade(t *testing.T) {
+	bin := t.TempDir()
+	var buildLog syncBuffer
+	start := time.Now()
+	if err := buildExample(bin, raceEnabled, &buildLog); err != nil {
+		t.Fatalf("%v\n%s", err, buildLog.String())
+	}
+	t.Logf("built server and client in %v", time.Since(start).Round(time.Millisecond))
 	for _, tc := range []struct {
 		name         string
 		zeroConfig   bool
@@ -25,7 +32,7 @@ func TestRun_Upgrade(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
 			cfg := upgradeConfig{race: raceEnabled, concurrency: 8, size: 16 << 10, phase: 300 * time.Millisecond,
-				replacements: tc.replacements, readyWait: 60 * time.Second, stopWait: 30 * time.Second, zeroConfig: tc.zeroConfig}
+				replacements: tc.replacements, readyWait: 60 * time.Second, stopWait: 30 * time.Second, zeroConfig: tc.zeroConfig, binDir: bin}
 			var stdout, logs syncBuffer
 			rep, err := upgrade(ctx, cfg, &stdout, &logs)
 			t.Log("output:\n" + stdout.String())
