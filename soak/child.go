@@ -220,6 +220,10 @@ type Progress struct {
 
 const progressEvery = 500 * time.Millisecond
 
+// errLinesPerProgress bounds the "error" lines a client prints between two
+// progress lines.
+const errLinesPerProgress = 5
+
 // payloadSize draws a payload size: mostly small, some large enough to
 // exhaust a small region (fallback: no memory), some larger than the
 // maximum message (fallback: too large), as the default settings go.
@@ -258,7 +262,7 @@ func runClient() int {
 	}
 	stopCalls := make(chan struct{})
 	var wg sync.WaitGroup
-	var errLines atomic.Int64
+	var errLines atomic.Int64                    // error lines since the last progress line
 	starts := make([]atomic.Int64, envInt(envG)) // unix ns a call started, 0 when idle
 	go watchdog(starts, timeout, fmt.Sprintf("client-%d", id))
 	for g := range envInt(envG) {
@@ -295,7 +299,7 @@ func runClient() int {
 				switch {
 				case err != nil:
 					p.errs.Add(1)
-					if errLines.Add(1) <= 20 {
+					if errLines.Add(1) <= errLinesPerProgress {
 						say("error %s: %v", req.Message, err)
 					}
 					time.Sleep(10 * time.Millisecond) // the server may be down: do not spin
@@ -317,6 +321,7 @@ func runClient() int {
 		select {
 		case <-tick.C:
 			sayJSON("progress", snapshot())
+			errLines.Store(0)
 		case s := <-sigs:
 			switch s {
 			case syscall.SIGUSR1:

@@ -119,7 +119,7 @@ type runner struct {
 	out io.Writer
 	rng *rand.Rand
 
-	mu          sync.Mutex // guards rep, stableSince, retired, failLines, server, retiring
+	mu          sync.Mutex // guards rep, stableSince, retired, failLines, server, retiring, replacing
 	rep         Report
 	stableSince time.Time // errors after this count as stable-phase errors
 	retired     Progress  // progress of clients that are gone
@@ -130,8 +130,11 @@ type runner struct {
 	addr     string // the servers' TCP address (SO_REUSEPORT)
 	server   *proc
 	retiring *proc // the old server during a replacement
-	clients  []*proc
-	nextID   int
+	// replacing: a replacement is under way; its clients' error lines are
+	// printed.
+	replacing bool
+	clients   []*proc
+	nextID    int
 	// lastServerKill is when a server was last SIGKILLed: its failed
 	// calls are over settle later.
 	lastServerKill time.Time
@@ -488,7 +491,12 @@ func (r *runner) handle(p *proc, l string) {
 		}
 	case strings.HasPrefix(l, "error "):
 		r.mu.Lock()
-		if !r.stableSince.IsZero() && time.Now().After(r.stableSince) && r.failLines < 20 {
+		switch {
+		case r.failLines >= 40:
+		case r.replacing:
+			r.failLines++
+			fmt.Fprintf(r.out, "soak: %s: during a replacement: %s\n", p.name, l)
+		case !r.stableSince.IsZero() && time.Now().After(r.stableSince):
 			r.failLines++
 			fmt.Fprintf(r.out, "soak: %s: stable phase: %s\n", p.name, l)
 		}
@@ -700,6 +708,14 @@ func (r *runner) replaceServer(start time.Time) {
 	// the replacement are all that happened before it.
 	time.Sleep(2*progressEvery + 100*time.Millisecond)
 	before := r.totals().Errors
+	r.mu.Lock()
+	r.replacing = true
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		r.replacing = false
+		r.mu.Unlock()
+	}()
 	p, err := r.newServer()
 	if err != nil {
 		r.rep.fail("replacement: new server: %v", err)
@@ -715,6 +731,9 @@ func (r *runner) replaceServer(start time.Time) {
 	time.Sleep(time.Duration(200+r.rng.IntN(500)) * time.Millisecond)
 
 	if abort {
+		r.mu.Lock()
+		r.replacing = false // the kill's failed calls are expected
+		r.mu.Unlock()
 		p.cmd.Process.Signal(syscall.SIGKILL)
 		<-p.done
 		r.mu.Lock()
