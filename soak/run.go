@@ -33,7 +33,7 @@ type Config struct {
 	// Mean interval between server replacements (0: none): a new server
 	// with the same options takes over while the old one is SIGTERMed,
 	// the README's upgrade procedure. The first comes a quarter into the
-	// chaos part of the run.
+	// chaos part of the run, before any server kill.
 	ServerReplaceEvery time.Duration
 	Seed               int64
 	Dir                string           // where the socket lives
@@ -200,8 +200,11 @@ func (r *runner) chaos(start time.Time) {
 			nextClientKill = next(cfg.ClientKillEvery)
 		}
 		// A server kill waits while a replacement is due within settle (the
-		// replacement must not see the kill's failed calls).
-		if now.Before(chaosEnd) && now.After(nextServerKill) && nextReplace.Sub(now) > settle {
+		// replacement must not see the kill's failed calls), and until the
+		// first replacement: that one replaces the server the run started
+		// with, before any kill.
+		firstDone := cfg.ServerReplaceEvery <= 0 || r.rep.ServerReplacements+r.rep.AbortedReplacements > 0
+		if now.Before(chaosEnd) && now.After(nextServerKill) && nextReplace.Sub(now) > settle && firstDone {
 			r.killServer()
 			nextServerKill = next(cfg.ServerKillEvery)
 			r.mu.Lock()
