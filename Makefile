@@ -49,7 +49,9 @@ bench:
 	cd benchmark && $(GO) run ./cmd/bench -mode full
 
 # Chaos soak: client and server processes killed and restarted at random,
-# every response verified, no buffer or descriptor leaked (SOAK=duration).
+# and the server replaced (a new one with the same options, the old one
+# SIGTERMed: no call may fail), every response verified, no buffer or
+# descriptor leaked (SOAK=duration).
 SOAK ?= 10m
 soak:
 	$(GO) run ./soak -duration $(SOAK)
