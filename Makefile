@@ -3,7 +3,7 @@
 
 GO ?= go
 
-.PHONY: all build test example bench bench-quick gen fuzz vet soak soak-engine clean
+.PHONY: all build test example example-upgrade bench bench-quick gen fuzz vet soak soak-engine clean
 
 all: build
 
@@ -29,6 +29,14 @@ vet:
 example:
 	$(GO) run ./example/run
 
+# Zero-downtime replacement: the example server replaced twice (a new server
+# with the same flags, then SIGTERM to the old one) while a client calls it
+# from 8 goroutines with 16 KiB payloads, every response verified; prints
+# each phase's calls and which server answered them over which transport,
+# and fails if any call failed.
+example-upgrade:
+	$(GO) run ./example/run -upgrade
+
 # Cross-process benchmarks: kshm against its baselines, alternated in rounds,
 # with the machine's calibration. bench-quick (a few minutes) writes
 # benchmark/results/quick.json and results/quick/REPORT.md and prints every
@@ -41,7 +49,9 @@ bench:
 	cd benchmark && $(GO) run ./cmd/bench -mode full
 
 # Chaos soak: client and server processes killed and restarted at random,
-# every response verified, no buffer or descriptor leaked (SOAK=duration).
+# and the server replaced (a new one with the same options, the old one
+# SIGTERMed: no call may fail), every response verified, no buffer or
+# descriptor leaked (SOAK=duration).
 SOAK ?= 10m
 soak: soak-engine
 	$(GO) run ./soak -duration $(SOAK)

@@ -39,98 +39,147 @@ const (
 // Option configures kshm on a client or a server.
 type Option struct {
 	name string
+	side side
 	f    func(*transport.Config)
 }
 
-// WithSocketPath sets the unix socket where the server accepts kshm sessions
-// (and plain Kitex clients) and the client dials. Default:
-// <os.TempDir()>/kshm-<service>.sock, from the server's service name
-// (server.WithServerBasicInfo) and the client's destination service (the
-// name given to NewClient): give both the same name. A server with neither
-// fails at Run with an error naming this setting.
+// side says where an option means something.
+type side uint8
+
+const (
+	bothSides  side = iota
+	clientSide      // refused by WithServerShmIPC
+	serverSide      // refused by WithClientShmIPC
+)
+
+// WithSocketPath sets a unix socket explicitly: where the server accepts
+// kshm sessions (and plain Kitex clients), and a server the client tries.
+//
+// Without it, a server publishes its socket in the per-host directory
+// transport.LocalDir() (0700) under the name of its service address, and a
+// client finds the server of the address Kitex picked there: nothing to
+// configure on one host. With it, the client still sends over shared memory
+// only the calls whose picked address that socket's server announced
+// (its listen address); a client with no address and no resolver sends
+// every call to it.
 func WithSocketPath(path string) Option {
-	return Option{"WithSocketPath", func(c *transport.Config) { c.SocketPath = path }}
+	return Option{"WithSocketPath", bothSides, func(c *transport.Config) { c.SocketPath = path }}
 }
 
 // WithRegionSize sets the size of the shared-memory region each side of a
 // session creates (default 64 MiB; shm.MinRegionSize to shm.MaxRegionSize).
+// Any size in that range works alone: unless WithMaxMessageSize is given,
+// the largest message in shared memory follows the region (see
+// WithMaxMessageSize), and larger ones go over the session socket (counted
+// in Stats.InlineTooLarge).
 func WithRegionSize(bytes int) Option {
-	return Option{"WithRegionSize", func(c *transport.Config) { c.Shm.RegionSize = bytes }}
+	return Option{"WithRegionSize", bothSides, func(c *transport.Config) { c.Shm.RegionSize = bytes }}
 }
 
 // WithMaxMessageSize sets the largest message carried in shared memory
-// (default 8 MiB: a 4 MiB payload with its headers). A larger message goes over the session socket.
+// (default 8 MiB, a 4 MiB payload with its headers, or half the arena when
+// the region cannot hold 8 MiB). A larger message goes over the session
+// socket. Given explicitly, it must fit the region's arena: a contradiction
+// with WithRegionSize is refused at startup.
 func WithMaxMessageSize(bytes int) Option {
-	return Option{"WithMaxMessageSize", func(c *transport.Config) { c.Shm.MaxMessageSize = bytes }}
+	return Option{"WithMaxMessageSize", bothSides, func(c *transport.Config) { c.Shm.MaxMessageSize = bytes }}
 }
 
 // WithWakeMode sets how this side waits for messages (default WakeNotify).
 func WithWakeMode(m WakeMode) Option {
-	return Option{"WithWakeMode", func(c *transport.Config) { c.Shm.WakeMode = m }}
+	return Option{"WithWakeMode", bothSides, func(c *transport.Config) { c.Shm.WakeMode = m }}
 }
 
 // WithPollInterval sets the check interval of WakeTimed.
 func WithPollInterval(d time.Duration) Option {
-	return Option{"WithPollInterval", func(c *transport.Config) { c.Shm.PollInterval = d }}
+	return Option{"WithPollInterval", bothSides, func(c *transport.Config) { c.Shm.PollInterval = d }}
 }
 
 // WithSessions sets how many sessions a client keeps to its socket path
 // (default 1; each has its own regions and dispatcher).
 func WithSessions(n int) Option {
-	return Option{"WithSessions", func(c *transport.Config) { c.Sessions = n }}
+	return Option{"WithSessions", clientSide, func(c *transport.Config) { c.Sessions = n }}
 }
 
 // WithAllowedUIDs sets the peer uids accepted (default: only our own uid).
 func WithAllowedUIDs(uids ...uint32) Option {
-	return Option{"WithAllowedUIDs", func(c *transport.Config) { c.Shm.AllowedUIDs = append([]uint32(nil), uids...) }}
+	return Option{"WithAllowedUIDs", bothSides, func(c *transport.Config) { c.Shm.AllowedUIDs = append([]uint32(nil), uids...) }}
 }
 
 // WithSocketMode sets the permission of the server's socket file (default
 // 0600; must include 0600).
 func WithSocketMode(mode os.FileMode) Option {
-	return Option{"WithSocketMode", func(c *transport.Config) { c.Shm.SocketMode = mode }}
+	return Option{"WithSocketMode", serverSide, func(c *transport.Config) { c.Shm.SocketMode = mode }}
 }
 
 // WithHandshakeTimeout bounds a session's handshake (default 3 s), and on
 // the server the wait for a new connection's first bytes.
 func WithHandshakeTimeout(d time.Duration) Option {
-	return Option{"WithHandshakeTimeout", func(c *transport.Config) { c.Shm.HandshakeTimeout = d }}
+	return Option{"WithHandshakeTimeout", bothSides, func(c *transport.Config) { c.Shm.HandshakeTimeout = d }}
 }
 
 // WithDialTimeout bounds a client's dial and handshake (default 3 s).
 func WithDialTimeout(d time.Duration) Option {
-	return Option{"WithDialTimeout", func(c *transport.Config) { c.DialTimeout = d }}
+	return Option{"WithDialTimeout", clientSide, func(c *transport.Config) { c.DialTimeout = d }}
 }
 
 // WithReconnectBackoff sets the backoff between attempts to re-establish a
 // dead session: min, doubling up to max (default 50 ms to 2 s).
 func WithReconnectBackoff(min, max time.Duration) Option {
-	return Option{"WithReconnectBackoff", func(c *transport.Config) { c.ReconnectMin, c.ReconnectMax = min, max }}
+	return Option{"WithReconnectBackoff", clientSide, func(c *transport.Config) { c.ReconnectMin, c.ReconnectMax = min, max }}
 }
 
 // WithMaxIdleConns bounds the idle virtual connections a client keeps per
 // session (default 256).
 func WithMaxIdleConns(n int) Option {
-	return Option{"WithMaxIdleConns", func(c *transport.Config) { c.MaxIdleConns = n }}
+	return Option{"WithMaxIdleConns", clientSide, func(c *transport.Config) { c.MaxIdleConns = n }}
+}
+
+// WithServerLimits bounds what a server gives kshm clients: at most
+// sessions sessions at once, and at most bytes of shared memory committed
+// by its own regions (sessions x WithRegionSize). A client beyond either is
+// served as plain Kitex on the socket (its calls still work), counted in
+// Stats.Server.SessionsRefused and logged once. Defaults:
+// transport.DefaultMaxServerSessions (128) and
+// transport.DefaultMaxServerMemory (1 GiB). Server only.
+func WithServerLimits(sessions int, bytes int64) Option {
+	return Option{"WithServerLimits", serverSide, func(c *transport.Config) {
+		c.MaxServerSessions, c.MaxServerMemory = sessions, bytes
+	}}
 }
 
 // WithShmConfig replaces the whole engine configuration (advanced: ring
 // entries, buffer quota, spin time, leak threshold). Options after it still
 // apply.
 func WithShmConfig(cfg shm.Config) Option {
-	return Option{"WithShmConfig", func(c *transport.Config) { c.Shm = cfg }}
+	return Option{"WithShmConfig", bothSides, func(c *transport.Config) { c.Shm = cfg }}
 }
 
-// buildConfig applies opts to the defaults and validates the result.
-func buildConfig(opts []Option) (transport.Config, []string, error) {
+// buildConfig applies opts to the defaults and validates the result. An
+// option of the other side is refused, naming it.
+func buildConfig(opts []Option, on side) (transport.Config, []string, error) {
 	cfg := transport.DefaultConfig()
 	names := make([]string, 0, len(opts))
+	explicitMax := false
 	for _, o := range opts {
 		if o.f == nil {
 			return cfg, nil, fmt.Errorf("%w: zero kshm.Option", transport.ErrBadConfig)
 		}
+		if o.side != bothSides && o.side != on {
+			where, other := "WithServerShmIPC", "client"
+			if on == clientSide {
+				where, other = "WithClientShmIPC", "server"
+			}
+			return cfg, nil, fmt.Errorf("%w: %s: %s is a %s setting", transport.ErrConflict, where, o.name, other)
+		}
 		o.f(&cfg)
 		names = append(names, o.name)
+		if o.name == "WithMaxMessageSize" || o.name == "WithShmConfig" {
+			explicitMax = true
+		}
+	}
+	if !explicitMax {
+		cfg.FitMaxMessage()
 	}
 	return cfg, names, cfg.Validate()
 }
@@ -145,7 +194,7 @@ func buildConfig(opts []Option) (transport.Config, []string, error) {
 // server.WithTransHandlerFactory / WithTransServerFactory if you use those;
 // it wraps what they set.
 func WithServerShmIPC(opts ...Option) server.Option {
-	cfg, names, err := buildConfig(opts)
+	cfg, names, err := buildConfig(opts, serverSide)
 	return server.Option{F: func(o *server.Options, di *utils.Slice) {
 		if err != nil {
 			panic(err)
@@ -159,53 +208,78 @@ func WithServerShmIPC(opts ...Option) server.Option {
 }
 
 // WithClientShmIPC makes a Kitex client send its calls through shared memory
-// over sessions to the server's unix socket, falling back to Kitex's netpoll
-// transport (to the address Kitex resolved, e.g. client.WithHostPorts; to the
-// unix socket when none is configured) whenever no session or no shared
-// memory can be had. It also sets TTHeaderFramed when the transport protocol
-// is left at Kitex's default (Framed), so metainfo travels.
+// whenever the instance Kitex picked for a call (resolver, load balancer,
+// callopt.WithHostPort, retries) is a kshm server on this host: the server
+// announces the addresses it serves, and a client finds it in the per-host
+// directory (or at WithSocketPath). Every other call goes through the pool
+// Kitex would have used, exactly as without kshm (same protocol, same pool
+// settings). A client with no address and no resolver sends its calls to
+// the socket itself (WithSocketPath, or the one its destination service's
+// server published).
+//
+// Calls over shared memory use TTHeaderFramed (so metainfo travels);
+// fallback calls keep the client's transport protocol. Each call's
+// rpcinfo.To() carries the tag transport.TagTransport: "shm", "inline" or
+// "fallback". All Kitex clients of the process reaching the same server
+// with the same settings share its sessions.
+//
+// Kitex's long-pool settings (client.WithLongConnection) bound the idle
+// virtual connections per session (MaxIdlePerAddress) unless
+// WithMaxIdleConns is given; client.WithWarmingUp establishes sessions;
+// Dump and the connection reporter reach the fallback pool. A mux or custom
+// trans handler serves the fallback calls. gRPC (unary over HTTP/2) is
+// refused at NewClient: kshm could not carry those calls.
 //
 // An invalid setting panics in NewClient, naming the setting (as Kitex's own
-// options do). The option takes over the connection pool and the client trans
-// handler factory; a pool set with client.WithConnPool, or the long/short
-// pool that client.WithLongConnection / WithShortConnection selects, serves
-// the fallback calls.
+// options do).
 func WithClientShmIPC(opts ...Option) client.Option {
-	cfg, names, err := buildConfig(opts)
+	cfg, names, err := buildConfig(opts, clientSide)
 	return client.Option{F: func(o *client.Options, di *utils.Slice) {
 		if err != nil {
 			panic(err)
 		}
 		di.Push(fmt.Sprintf("WithClientShmIPC(%s)", strings.Join(names, ", ")))
+		explicitIdle := false
+		for _, n := range names {
+			explicitIdle = explicitIdle || n == "WithMaxIdleConns"
+		}
 		// The rest needs the final options (service name, resolver, pool
 		// config), so it runs after every other option.
 		o.TailOptions = append(o.TailOptions, client.Option{F: func(o *client.Options, di *utils.Slice) {
-			applyClient(o, cfg)
+			applyClient(o, cfg, explicitIdle)
 		}})
 	}}
 }
 
-func applyClient(o *client.Options, cfg transport.Config) {
-	path := cfg.SocketPath
-	if path == "" {
-		p, err := transport.DefaultSocketPath(o.Svr.ServiceName)
-		if err != nil {
-			panic(err)
+func applyClient(o *client.Options, cfg transport.Config, explicitIdle bool) {
+	if tp := o.Configs.TransportProtocol(); tp&ktransport.GRPC != 0 {
+		panic(fmt.Errorf("%w: WithClientShmIPC: client.WithTransportProtocol(transport.GRPC): Kitex sends gRPC calls "+
+			"over its own HTTP/2 pool, which kshm cannot carry; use TTHeader (streaming over TTHeader or gRPC "+
+			"streaming stay on the server's address beside kshm) or drop WithClientShmIPC", transport.ErrConflict))
+	}
+	if o.PoolCfg != nil && !explicitIdle {
+		// Kitex's long-pool settings govern idle virtual connections too.
+		cfg.MaxIdleConns = max((o.PoolCfg.MaxIdlePerAddress+cfg.Sessions-1)/cfg.Sessions, 1) // per session
+		cfg.MaxIdleTimeout = o.PoolCfg.MaxIdleTimeout
+	}
+	unixPath := ""
+	if o.Resolver == nil && o.Proxy == nil {
+		unixPath = cfg.SocketPath
+		if unixPath == "" {
+			p, err := transport.DefaultSocketPath(o.Svr.ServiceName)
+			if err != nil {
+				panic(err)
+			}
+			unixPath = p
 		}
-		path = p
+		o.Resolver = unixResolver(unixPath)
 	}
 	fallback := o.RemoteOpt.ConnPool
 	if fallback == nil {
 		fallback = defaultPool(o)
 	}
-	o.RemoteOpt.ConnPool = transport.NewClientPool(cfg, path, fallback)
-	o.RemoteOpt.CliHandlerFactory = transport.NewCliTransHandlerFactory()
-	if o.Resolver == nil && o.Proxy == nil {
-		o.Resolver = unixResolver(path)
-	}
-	if o.Configs.TransportProtocol() == ktransport.Framed {
-		rpcinfo.AsMutableRPCConfig(o.Configs).SetTransportProtocol(ktransport.TTHeaderFramed)
-	}
+	o.RemoteOpt.ConnPool = transport.NewRoutePool(cfg, cfg.SocketPath, unixPath, fallback)
+	o.RemoteOpt.CliHandlerFactory = transport.NewCliTransHandlerFactory(o.RemoteOpt.CliHandlerFactory)
 }
 
 // defaultPool is the pool Kitex would have made for these options.
@@ -263,7 +337,36 @@ type Stats struct {
 	// than the maximum message size.
 	InlineNoMemory, InlineQuota, InlineTooLarge uint64
 
+	// Client and Server separate the two sides of this process.
+	Client ClientStats
+	Server ServerStats
+
 	Engine shm.Stats // the engine's counters
+}
+
+// ClientStats are the client side's counters (every Kitex client of the
+// process together).
+type ClientStats struct {
+	Sessions       int64  // client sessions open now
+	SessionsDialed uint64 // established
+	SessionsLost   uint64 // died (server gone, error)
+	SharedPools    int    // socket paths (and settings) in use, each shared by every client of the process
+	Conns          int64  // virtual connections open now
+	CallsShm       uint64 // requests sent over a session (shared memory or its socket)
+	CallsInline    uint64 // of those, requests sent over the session socket
+	CallsFallback  uint64 // calls sent as plain Kitex by the fallback pool (other instance, or no session)
+	LateResponses  uint64 // responses to calls that had given up
+}
+
+// ServerStats are the server side's counters.
+type ServerStats struct {
+	Sessions         int64  // server sessions open now
+	SessionsAccepted uint64 // accepted
+	SessionsRefused  uint64 // refused for WithServerLimits (those clients are served as plain Kitex)
+	Conns            int64  // virtual connections open now
+	CallsServed      uint64 // requests served from sessions
+	InlineResponses  uint64 // responses sent over the session socket
+	PlainConns       uint64 // plain Kitex connections accepted on the socket
 }
 
 // ReadStats returns kshm's process-wide counters.
@@ -292,6 +395,26 @@ func ReadStats() Stats {
 		PlainConns:      t.PlainConns,
 		ClientConns:     t.ClientConns,
 		ServerConns:     t.ServerConns,
-		Engine:          e,
+		Client: ClientStats{
+			Sessions:       t.ClientSessions,
+			SessionsDialed: t.SessionsDialed,
+			SessionsLost:   t.SessionsLost,
+			SharedPools:    transport.SharedPools(),
+			Conns:          t.ClientConns,
+			CallsShm:       t.CallsSent,
+			CallsInline:    t.InlineRequests,
+			CallsFallback:  t.FallbackCalls,
+			LateResponses:  t.LateResponses,
+		},
+		Server: ServerStats{
+			Sessions:         t.ServerSessions,
+			SessionsAccepted: t.SessionsAccepted,
+			SessionsRefused:  t.SessionsRefused,
+			Conns:            t.ServerConns,
+			CallsServed:      t.CallsServed,
+			InlineResponses:  t.InlineResponses,
+			PlainConns:       t.PlainConns,
+		},
+		Engine: e,
 	}
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/cloudwego/kitex/client"
 	"github.com/cloudwego/kitex/pkg/endpoint"
+	"github.com/cloudwego/kitex/pkg/remote/trans/netpoll"
 	"github.com/cloudwego/kitex/pkg/rpcinfo"
 	"github.com/cloudwego/kitex/server"
 	ktransport "github.com/cloudwego/kitex/transport"
@@ -19,6 +20,7 @@ import (
 	"github.com/shmkit/kshm"
 	"github.com/shmkit/kshm/example/kitex_gen/echo"
 	"github.com/shmkit/kshm/example/kitex_gen/echo/echoservice"
+	"github.com/shmkit/kshm/shm"
 	"github.com/shmkit/kshm/transport"
 )
 
@@ -52,7 +54,6 @@ var badSettings = []struct {
 }{
 	{kshm.WithRegionSize(1), "RegionSize"},
 	{kshm.WithMaxMessageSize(10), "MaxMessageSize"},
-	{kshm.WithRegionSize(1 << 20), "MaxMessageSize"}, // the default 4 MiB maximum does not fit
 	{kshm.WithWakeMode(kshm.WakeMode(9)), "WakeMode"},
 	{kshm.WithSocketMode(0o400), "SocketMode"},
 	{kshm.WithHandshakeTimeout(0), "HandshakeTimeout"},
@@ -64,6 +65,74 @@ var badSettings = []struct {
 	{kshm.WithReconnectBackoff(time.Second, time.Millisecond), "WithReconnectBackoff"},
 	{kshm.WithMaxIdleConns(0), "WithMaxIdleConns"},
 	{kshm.Option{}, "zero kshm.Option"},
+}
+
+// Settings that contradict each other explicitly are refused, naming them.
+func TestWithShmIPC_ContradictionRefused(t *testing.T) {
+	opts := []kshm.Option{kshm.WithRegionSize(1 << 20), kshm.WithMaxMessageSize(8 << 20)}
+	msg := panicMessage(func() { echoservice.NewClient("svc", kshm.WithClientShmIPC(opts...)) })
+	if !strings.Contains(msg, "MaxMessageSize") || !strings.Contains(msg, "RegionSize") {
+		t.Fatalf("panic %q does not name both settings", msg)
+	}
+}
+
+// WithRegionSize alone works at every size from the minimum up: the default
+// maximum message follows the region.
+func TestWithRegionSize_AloneAtEverySize(t *testing.T) {
+	for size := shm.MinRegionSize; size <= 64<<20; size *= 2 {
+		for _, sz := range []int{size, size + size/3} {
+			if msg := panicMessage(func() {
+				echoservice.NewClient("svc", kshm.WithClientShmIPC(kshm.WithRegionSize(sz)))
+				echoservice.NewServer(&nopEcho{}, kshm.WithServerShmIPC(kshm.WithRegionSize(sz)))
+			}); msg != "" {
+				t.Fatalf("WithRegionSize(%d) alone: %s", sz, msg)
+			}
+		}
+	}
+}
+
+// An option of the other side is refused, naming the option and the side.
+func TestWithShmIPC_OtherSideOptionRefused(t *testing.T) {
+	for _, o := range []struct {
+		opt  kshm.Option
+		name string
+	}{
+		{kshm.WithSessions(2), "WithSessions"},
+		{kshm.WithDialTimeout(time.Second), "WithDialTimeout"},
+		{kshm.WithMaxIdleConns(3), "WithMaxIdleConns"},
+		{kshm.WithReconnectBackoff(time.Millisecond, time.Second), "WithReconnectBackoff"},
+	} {
+		msg := panicMessage(func() { echoservice.NewServer(&nopEcho{}, kshm.WithServerShmIPC(o.opt)) })
+		if !strings.Contains(msg, o.name) || !strings.Contains(msg, "client setting") {
+			t.Errorf("server given %s: panic %q", o.name, msg)
+		}
+	}
+	for _, o := range []struct {
+		opt  kshm.Option
+		name string
+	}{
+		{kshm.WithSocketMode(0o660), "WithSocketMode"},
+		{kshm.WithServerLimits(4, 1<<30), "WithServerLimits"},
+	} {
+		msg := panicMessage(func() { echoservice.NewClient("svc", kshm.WithClientShmIPC(o.opt)) })
+		if !strings.Contains(msg, o.name) || !strings.Contains(msg, "server setting") {
+			t.Errorf("client given %s: panic %q", o.name, msg)
+		}
+	}
+	msg := panicMessage(func() { echoservice.NewServer(&nopEcho{}, kshm.WithServerShmIPC(kshm.WithServerLimits(0, 1<<30))) })
+	if !strings.Contains(msg, "WithServerLimits") {
+		t.Errorf("WithServerLimits(0): panic %q", msg)
+	}
+}
+
+// A gRPC client is refused at NewClient: Kitex would replace kshm's pool.
+func TestWithClientShmIPC_GRPCRefused(t *testing.T) {
+	msg := panicMessage(func() {
+		echoservice.NewClient("svc", kshm.WithClientShmIPC(), client.WithTransportProtocol(ktransport.GRPC))
+	})
+	if !strings.Contains(msg, "GRPC") {
+		t.Fatalf("panic %q does not name the conflict", msg)
+	}
 }
 
 func TestWithClientShmIPC_BadSettingPanicsNamingIt(t *testing.T) {
@@ -88,23 +157,48 @@ func TestWithServerShmIPC_BadSettingPanicsNamingIt(t *testing.T) {
 	}
 }
 
-// A server that cannot derive its socket path (no WithSocketPath, no
-// service name) fails at Run with an error naming the setting.
-func TestWithServerShmIPC_NoPathNoNameFailsAtRun(t *testing.T) {
+// A server without WithSocketPath and without a service name publishes its
+// socket in the per-host directory (0700) under its address, mode 0600.
+func TestWithServerShmIPC_ZeroConfigPublishes(t *testing.T) {
+	tmp := t.TempDir()
+	t.Setenv("TMPDIR", tmp)
 	svr := echoservice.NewServer(&nopEcho{},
 		server.WithServiceAddr(&tcpAddr{"127.0.0.1:0"}),
-		kshm.WithServerShmIPC(),
+		server.WithServerBasicInfo(&rpcinfo.EndpointBasicInfo{}),
+		kshm.WithServerShmIPC(kshm.WithRegionSize(shm.MinRegionSize)),
+		server.WithExitWaitTime(100*time.Millisecond),
 	)
 	errc := make(chan error, 1)
 	go func() { errc <- svr.Run() }()
-	select {
-	case err := <-errc:
-		if err == nil || !strings.Contains(err.Error(), "WithSocketPath") || !errors.Is(err, transport.ErrBadConfig) {
-			t.Fatalf("Run: %v, want an error naming WithSocketPath", err)
+	dir := transport.LocalDir()
+	var sock string
+	deadline := time.Now().Add(10 * time.Second)
+	for sock == "" {
+		m, _ := filepath.Glob(filepath.Join(dir, "127.0.0.1-*.sock"))
+		if len(m) == 1 {
+			sock = m[0]
+			break
 		}
-	case <-time.After(20 * time.Second):
-		svr.Stop()
-		t.Fatal("Run did not fail")
+		select {
+		case err := <-errc:
+			t.Fatalf("Run: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no socket in the per-host directory")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	waitSocket(t, sock)
+	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("directory %s: %v %v", dir, fi.Mode(), err)
+	}
+	svr.Stop()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("socket file left after Stop: %v", err)
 	}
 }
 
@@ -113,9 +207,9 @@ type tcpAddr struct{ s string }
 func (a *tcpAddr) Network() string { return "tcp" }
 func (a *tcpAddr) String() string  { return a.s }
 
-// The server refuses a socket path held by a live listener, and replaces a
-// stale socket file.
-func TestWithServerShmIPC_SocketPathInUse(t *testing.T) {
+// A second server on the same socket path takes it over atomically (the
+// first keeps running); a regular file at the path is refused.
+func TestWithServerShmIPC_SocketPathTakenOver(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "s.sock")
 	run := func() (server.Server, chan error) {
@@ -139,12 +233,34 @@ func TestWithServerShmIPC_SocketPathInUse(t *testing.T) {
 
 	svr1, errc1 := run()
 	waitSocket(t, sock)
-	_, errc2 := run()
-	if err := <-errc2; err == nil || !strings.Contains(err.Error(), "listening") {
-		t.Fatalf("second server on the same socket: %v", err)
+	fi1, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
 	}
-	svr1.Stop()
+	svr2, errc2 := run()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		fi2, err := os.Stat(sock)
+		if err == nil && !os.SameFile(fi1, fi2) {
+			break
+		}
+		select {
+		case err := <-errc2:
+			t.Fatalf("second server: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the second server never took the socket over")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	svr1.Stop() // leaves the new server's socket alone
 	if err := <-errc1; err != nil {
+		t.Fatal(err)
+	}
+	waitSocket(t, sock)
+	svr2.Stop()
+	if err := <-errc2; err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
@@ -169,24 +285,30 @@ func waitSocket(t *testing.T, path string) {
 	}
 }
 
-// WithClientShmIPC switches Kitex's default Framed to TTHeaderFramed, and
-// leaves an explicit choice alone.
-func TestWithClientShmIPC_TTHeaderByDefault(t *testing.T) {
+// WithClientShmIPC leaves the client's transport protocol alone: calls it
+// sends over the fallback keep it (calls over shared memory use
+// TTHeaderFramed, checked end to end in the transport package).
+func TestWithClientShmIPC_FallbackKeepsProtocol(t *testing.T) {
 	for _, tc := range []struct {
 		opts []client.Option
 		want ktransport.Protocol
 	}{
-		{nil, ktransport.TTHeaderFramed},
+		{nil, ktransport.Framed},
 		{[]client.Option{client.WithTransportProtocol(ktransport.PurePayload)}, ktransport.PurePayload},
+		{[]client.Option{client.WithTransportProtocol(ktransport.TTHeaderFramed)}, ktransport.TTHeaderFramed},
 	} {
 		var got ktransport.Protocol
+		var tag string
 		opts := append([]client.Option{
 			kshm.WithClientShmIPC(kshm.WithSocketPath(filepath.Join(t.TempDir(), "none.sock"))),
 			client.WithHostPorts("127.0.0.1:1"),
 			client.WithMiddleware(func(next endpoint.Endpoint) endpoint.Endpoint {
 				return func(ctx context.Context, req, resp any) error {
-					got = rpcinfo.GetRPCInfo(ctx).Config().TransportProtocol()
-					return next(ctx, req, resp)
+					err := next(ctx, req, resp)
+					ri := rpcinfo.GetRPCInfo(ctx)
+					got = ri.Config().TransportProtocol()
+					tag, _ = ri.To().Tag(transport.TagTransport)
+					return err
 				}
 			}),
 		}, tc.opts...)
@@ -195,8 +317,8 @@ func TestWithClientShmIPC_TTHeaderByDefault(t *testing.T) {
 			t.Fatal(err)
 		}
 		c.Echo(context.Background(), &echo.EchoRequest{}) // fails: nobody listens
-		if got != tc.want {
-			t.Errorf("transport protocol %v, want %v", got, tc.want)
+		if got != tc.want || tag != transport.TransportFallback {
+			t.Errorf("transport protocol %v over %q, want %v over the fallback", got, tag, tc.want)
 		}
 	}
 }
@@ -204,7 +326,7 @@ func TestWithClientShmIPC_TTHeaderByDefault(t *testing.T) {
 func TestDefaultSocketPath(t *testing.T) {
 	t.Setenv("TMPDIR", "/tmp")
 	p, err := transport.DefaultSocketPath("a.b/c d")
-	if err != nil || p != "/tmp/kshm-a.b_c_d.sock" {
+	if err != nil || p != fmt.Sprintf("/tmp/kshm-%d/svc-a.b_c_d.sock", os.Getuid()) {
 		t.Fatalf("DefaultSocketPath: %q %v", p, err)
 	}
 	if _, err := transport.DefaultSocketPath(""); !errors.Is(err, transport.ErrBadConfig) {
@@ -212,5 +334,26 @@ func TestDefaultSocketPath(t *testing.T) {
 	}
 	if _, err := transport.DefaultSocketPath(strings.Repeat("n", 200)); !errors.Is(err, transport.ErrBadConfig) {
 		t.Fatalf("too long: %v", err)
+	}
+}
+
+// A trans server factory given after WithServerShmIPC would take kshm out of
+// the server: Run fails naming the conflict.
+func TestWithServerShmIPC_TransServerFactoryAfterRefused(t *testing.T) {
+	svr := echoservice.NewServer(&nopEcho{},
+		server.WithServiceAddr(&tcpAddr{"127.0.0.1:0"}),
+		kshm.WithServerShmIPC(kshm.WithSocketPath(filepath.Join(t.TempDir(), "s.sock"))),
+		server.WithTransServerFactory(netpoll.NewTransServerFactory()),
+	)
+	errc := make(chan error, 1)
+	go func() { errc <- svr.Run() }()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, transport.ErrConflict) || !strings.Contains(err.Error(), "WithTransServerFactory") {
+			t.Fatalf("Run: %v, want a conflict naming WithTransServerFactory", err)
+		}
+	case <-time.After(20 * time.Second):
+		svr.Stop()
+		t.Fatal("Run did not fail")
 	}
 }

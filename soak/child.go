@@ -33,6 +33,7 @@ import (
 const (
 	envRole    = "KSHM_SOAK_ROLE" // "server" or "client"
 	envSock    = "KSHM_SOAK_SOCK"
+	envAddr    = "KSHM_SOAK_ADDR" // the server's TCP address, shared with SO_REUSEPORT
 	envID      = "KSHM_SOAK_ID"
 	envG       = "KSHM_SOAK_G"
 	envRegion  = "KSHM_SOAK_REGION"
@@ -130,18 +131,21 @@ func shmOptions() []kshm.Option {
 	}
 }
 
-// runServer serves Echo over kshm on the socket (and plain Kitex on a TCP
-// port of 127.0.0.1 nobody uses). It prints "ready", a "stats" line on
-// SIGUSR1, and stops on SIGTERM.
+// runServer serves Echo over kshm on the socket, and plain Kitex on the TCP
+// address (nobody calls it) through server.WithReusePort(true): every
+// server of the run has the same options, so that a replacement shares the
+// port and takes the socket over. It prints "ready" once the socket at the
+// path is its own, a "stats" line on SIGUSR1, and stops on SIGTERM.
 func runServer() int {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := net.ResolveTCPAddr("tcp", os.Getenv(envAddr))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "soak server:", err)
 		return 1
 	}
 	stop := make(chan error, 1)
 	svr := echoservice.NewServer(&echoHandler{},
-		server.WithListener(ln),
+		server.WithServiceAddr(addr),
+		server.WithReusePort(true),
 		server.WithServerBasicInfo(&rpcinfo.EndpointBasicInfo{ServiceName: serviceName}),
 		server.WithExitWaitTime(2*time.Second),
 		server.WithExitSignal(func() <-chan error { return stop }),
@@ -162,13 +166,18 @@ func runServer() int {
 			}
 		}
 	}()
+	sock := os.Getenv(envSock)
+	before, _ := os.Stat(sock) // a server's socket already there (nil if none)
 	runErr := make(chan error, 1)
 	go func() { runErr <- svr.Run() }()
 	for i := 0; ; i++ {
-		c, err := net.Dial("unix", os.Getenv(envSock))
-		if err == nil {
-			c.Close()
-			break
+		fi, err := os.Stat(sock)
+		if err == nil && fi.Mode()&os.ModeSocket != 0 && isNew(before, fi) {
+			var c net.Conn
+			if c, err = net.Dial("unix", sock); err == nil {
+				c.Close()
+				break
+			}
 		}
 		select {
 		case err := <-runErr:
@@ -177,7 +186,7 @@ func runServer() int {
 		default:
 		}
 		if i > 1000 {
-			fmt.Fprintln(os.Stderr, "soak server: socket never accepted:", err)
+			fmt.Fprintln(os.Stderr, "soak server: socket never ours and accepting:", err)
 			return 1
 		}
 		time.Sleep(10 * time.Millisecond)
@@ -189,6 +198,13 @@ func runServer() int {
 	}
 	sayJSON("final", sample())
 	return 0
+}
+
+// isNew reports whether fi is not the file old (nil: there was none).
+// Inode numbers are reused at once on some file systems, so a file that
+// replaced old may have old's inode; its modification time tells them apart.
+func isNew(old, fi os.FileInfo) bool {
+	return old == nil || !os.SameFile(old, fi) || !old.ModTime().Equal(fi.ModTime())
 }
 
 // Progress is a client's running count, printed every progressEvery.
@@ -203,6 +219,10 @@ type Progress struct {
 }
 
 const progressEvery = 500 * time.Millisecond
+
+// errLinesPerProgress bounds the "error" lines a client prints between two
+// progress lines.
+const errLinesPerProgress = 5
 
 // payloadSize draws a payload size: mostly small, some large enough to
 // exhaust a small region (fallback: no memory), some larger than the
@@ -242,7 +262,7 @@ func runClient() int {
 	}
 	stopCalls := make(chan struct{})
 	var wg sync.WaitGroup
-	var errLines atomic.Int64
+	var errLines atomic.Int64                    // error lines since the last progress line
 	starts := make([]atomic.Int64, envInt(envG)) // unix ns a call started, 0 when idle
 	go watchdog(starts, timeout, fmt.Sprintf("client-%d", id))
 	for g := range envInt(envG) {
@@ -279,7 +299,7 @@ func runClient() int {
 				switch {
 				case err != nil:
 					p.errs.Add(1)
-					if errLines.Add(1) <= 20 {
+					if errLines.Add(1) <= errLinesPerProgress {
 						say("error %s: %v", req.Message, err)
 					}
 					time.Sleep(10 * time.Millisecond) // the server may be down: do not spin
@@ -301,6 +321,7 @@ func runClient() int {
 		select {
 		case <-tick.C:
 			sayJSON("progress", snapshot())
+			errLines.Store(0)
 		case s := <-sigs:
 			switch s {
 			case syscall.SIGUSR1:

@@ -7,7 +7,10 @@
 // calling from many goroutines with mixed payload sizes over regions small
 // enough to force the fallback path, and checks every response byte for
 // byte. Meanwhile it kills clients with SIGKILL and restarts them at random,
-// and kills and restarts the server. The last part of the run kills no
+// kills and restarts the server, and replaces the server the way the
+// README's "Upgrading a server" says (a new server with the same options,
+// then SIGTERM to the old one; no call may fail), now and then killing the
+// new server mid-handover instead. The last part of the run kills no
 // server, and ends with a quiet period: then every live process must have
 // all its shared-memory buffers back, and the server's descriptors and
 // resident memory must not have grown with the client churn. It prints what
@@ -40,6 +43,7 @@ func main() {
 	flag.DurationVar(&cfg.CallTimeout, "timeout", cfg.CallTimeout, "RPC timeout of each call")
 	flag.DurationVar(&cfg.ClientKillEvery, "client-kill-every", cfg.ClientKillEvery, "mean interval between client kills (0: none)")
 	flag.DurationVar(&cfg.ServerKillEvery, "server-kill-every", cfg.ServerKillEvery, "mean interval between server kills (0: none)")
+	flag.DurationVar(&cfg.ServerReplaceEvery, "server-replace-every", cfg.ServerReplaceEvery, "mean interval between server replacements (0: none)")
 	flag.Int64Var(&cfg.Seed, "seed", time.Now().UnixNano(), "random seed of the chaos schedule")
 	flag.StringVar(&cfg.Dir, "dir", "", "directory for the socket (default: a new temporary directory)")
 	flag.Parse()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -29,9 +30,14 @@ type Config struct {
 	CallTimeout     time.Duration
 	ClientKillEvery time.Duration // mean interval between client kills; 0: none
 	ServerKillEvery time.Duration // mean interval between server kills; 0: none
-	Seed            int64
-	Dir             string           // where the socket lives
-	Command         func() *exec.Cmd // runs this program (the role is added to its environment)
+	// Mean interval between server replacements (0: none): a new server
+	// with the same options takes over while the old one is SIGTERMed,
+	// the README's upgrade procedure. The first comes a quarter into the
+	// chaos part of the run, before any server kill.
+	ServerReplaceEvery time.Duration
+	Seed               int64
+	Dir                string           // where the socket lives
+	Command            func() *exec.Cmd // runs this program (the role is added to its environment)
 	// Stderr receives the children's stderr, prefixed (default os.Stderr).
 	Stderr io.Writer
 }
@@ -49,6 +55,8 @@ func DefaultConfig() Config {
 		ClientKillEvery: 3 * time.Second,
 		ServerKillEvery: 20 * time.Second,
 		Seed:            1,
+
+		ServerReplaceEvery: 30 * time.Second,
 	}
 }
 
@@ -70,8 +78,14 @@ type Report struct {
 	InlineRequests, InlineRecv   uint64 // messages over a session socket (no shared memory)
 	ClientKills, ServerKills     int
 	ClientsStarted, ServerStarts int
-	Failures                     []string
-	HangDumps                    []string // goroutine dumps written when a call hung
+	// Server replacements carried through (the old server SIGTERMed), and
+	// those aborted by SIGKILLing the new server mid-handover (counted
+	// among ServerKills too). ReplacementErrors are the calls that failed
+	// during the carried-through ones: any is a failure.
+	ServerReplacements, AbortedReplacements int
+	ReplacementErrors                       int64
+	Failures                                []string
+	HangDumps                               []string // goroutine dumps written when a call hung
 }
 
 // Passed reports whether the run found nothing wrong.
@@ -87,6 +101,8 @@ type proc struct {
 	lines chan string   // stats, quiet and final lines
 	ready chan struct{} // closed at the child's "ready": it handles signals
 	done  chan struct{}
+	// exitErr is cmd.Wait's error: read it after done is closed.
+	exitErr error
 
 	mu   sync.Mutex // guards last
 	last Progress
@@ -103,17 +119,25 @@ type runner struct {
 	out io.Writer
 	rng *rand.Rand
 
-	mu          sync.Mutex // guards rep, stableSince, retired, failLines
+	mu          sync.Mutex // guards rep, stableSince, retired, failLines, server, retiring, replacing
 	rep         Report
 	stableSince time.Time // errors after this count as stable-phase errors
 	retired     Progress  // progress of clients that are gone
 	failLines   int
 
-	errOut  *prefixWriter
-	sock    string
-	server  *proc
-	clients []*proc
-	nextID  int
+	errOut   *prefixWriter
+	sock     string
+	addr     string // the servers' TCP address (SO_REUSEPORT)
+	server   *proc
+	retiring *proc // the old server during a replacement
+	// replacing: a replacement is under way; its clients' error lines are
+	// printed.
+	replacing bool
+	clients   []*proc
+	nextID    int
+	// lastServerKill is when a server was last SIGKILLed: its failed
+	// calls are over settle later.
+	lastServerKill time.Time
 }
 
 // Run runs the soak and reports. The error is for a run that could not be
@@ -125,6 +149,11 @@ func Run(cfg Config, out io.Writer) (*Report, error) {
 	}
 	r := &runner{cfg: cfg, out: out, rng: rand.New(rand.NewPCG(uint64(cfg.Seed), 0x50a4)),
 		sock: filepath.Join(cfg.Dir, "soak.sock"), errOut: &prefixWriter{w: cfg.Stderr, max: 200}}
+	addr, err := freeAddr()
+	if err != nil {
+		return nil, err
+	}
+	r.addr = addr
 	start := time.Now()
 	fmt.Fprintf(out, "soak: %v, %d clients x %d goroutines, region %d KiB, max message %d KiB, payloads up to %d KiB, timeout %v, seed %d\n",
 		cfg.Duration, cfg.Clients, cfg.Goroutines, cfg.RegionSize>>10, cfg.MaxMessage>>10, cfg.MaxPayload>>10, cfg.CallTimeout, cfg.Seed)
@@ -155,6 +184,10 @@ func (r *runner) chaos(start time.Time) {
 		return time.Now().Add(time.Duration(r.rng.ExpFloat64() * float64(mean)))
 	}
 	nextClientKill, nextServerKill := next(cfg.ClientKillEvery), next(cfg.ServerKillEvery)
+	nextReplace := end.Add(time.Hour)
+	if cfg.ServerReplaceEvery > 0 {
+		nextReplace = start.Add(chaosEnd.Sub(start) / 4)
+	}
 	nextStatus := time.Now().Add(10 * time.Second)
 	var baseline map[string]Sample
 	r.mu.Lock()
@@ -166,7 +199,12 @@ func (r *runner) chaos(start time.Time) {
 			r.killClient()
 			nextClientKill = next(cfg.ClientKillEvery)
 		}
-		if now.Before(chaosEnd) && now.After(nextServerKill) {
+		// A server kill waits while a replacement is due within settle (the
+		// replacement must not see the kill's failed calls), and until the
+		// first replacement: that one replaces the server the run started
+		// with, before any kill.
+		firstDone := cfg.ServerReplaceEvery <= 0 || r.rep.ServerReplacements+r.rep.AbortedReplacements > 0
+		if now.Before(chaosEnd) && now.After(nextServerKill) && nextReplace.Sub(now) > settle && firstDone {
 			r.killServer()
 			nextServerKill = next(cfg.ServerKillEvery)
 			r.mu.Lock()
@@ -174,6 +212,14 @@ func (r *runner) chaos(start time.Time) {
 				r.stableSince = t
 			}
 			r.mu.Unlock()
+		}
+		if now.Before(chaosEnd) && now.After(nextReplace) {
+			if wait := time.Until(r.lastServerKill.Add(settle)); wait > 0 {
+				nextReplace = now.Add(wait)
+			} else {
+				r.replaceServer(start)
+				nextReplace = next(cfg.ServerReplaceEvery)
+			}
 		}
 		r.mu.Lock()
 		stable := now.After(r.stableSince)
@@ -322,6 +368,8 @@ func (r *runner) print() {
 	w := r.out
 	fmt.Fprintf(w, "soak: ran %v: %d client processes started (%d killed with SIGKILL), server started %d times (%d killed with SIGKILL)\n",
 		rep.Elapsed.Round(time.Second), rep.ClientsStarted, rep.ClientKills, rep.ServerStarts, rep.ServerKills)
+	fmt.Fprintf(w, "soak: server replaced %d times (new server with the same options, old one SIGTERMed; %d calls failed during them), %d replacements aborted (new server SIGKILLed mid-handover)\n",
+		rep.ServerReplacements, rep.ReplacementErrors, rep.AbortedReplacements)
 	fmt.Fprintf(w, "soak: %d calls: %d verified byte for byte (%.1f MiB of payload), %d failed with an error (%d in the stable phase), %d mismatched, %d hung\n",
 		rep.Calls, rep.OK, float64(rep.Bytes)/(1<<20), rep.Errors, rep.StableErrors, rep.Mismatches, rep.Hung)
 	fmt.Fprintf(w, "soak: paths: %d requests through kshm sessions, %d calls over plain Kitex (no session), %d requests and %d responses over a session socket (no shared memory)\n",
@@ -378,6 +426,7 @@ func (r *runner) env(role string) []string {
 	return append(os.Environ(),
 		envRole+"="+role,
 		envSock+"="+r.sock,
+		envAddr+"="+r.addr,
 		envG+"="+strconv.Itoa(cfg.Goroutines),
 		envRegion+"="+strconv.Itoa(cfg.RegionSize),
 		envMaxMsg+"="+strconv.Itoa(cfg.MaxMessage),
@@ -406,7 +455,7 @@ func (r *runner) start(name, role string, extra ...string) (*proc, error) {
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
 		readLines(sc, func(l string) { r.handle(p, l) })
 		io.Copy(io.Discard, stdout)
-		cmd.Wait()
+		p.exitErr = cmd.Wait()
 		close(p.done)
 	}()
 	return p, nil
@@ -445,7 +494,12 @@ func (r *runner) handle(p *proc, l string) {
 		}
 	case strings.HasPrefix(l, "error "):
 		r.mu.Lock()
-		if !r.stableSince.IsZero() && time.Now().After(r.stableSince) && r.failLines < 20 {
+		switch {
+		case r.failLines >= 40:
+		case r.replacing:
+			r.failLines++
+			fmt.Fprintf(r.out, "soak: %s: during a replacement: %s\n", p.name, l)
+		case !r.stableSince.IsZero() && time.Now().After(r.stableSince):
 			r.failLines++
 			fmt.Fprintf(r.out, "soak: %s: stable phase: %s\n", p.name, l)
 		}
@@ -548,24 +602,45 @@ func (r *runner) sampleAll() map[string]Sample {
 var errNoServer = errors.New("soak: the server did not start")
 
 func (r *runner) startServer() error {
+	p, err := r.newServer()
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.server = p
+	r.mu.Unlock()
+	return nil
+}
+
+// newServer starts a server and waits until it is ready: its socket is in
+// place at the path (the one before it replaced).
+func (r *runner) newServer() (*proc, error) {
 	var last error
 	for attempt := 0; attempt < 3; attempt++ {
 		p, err := r.start("server", "server")
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if p.waitReady(60 * time.Second) {
-			r.mu.Lock()
-			r.server = p
-			r.mu.Unlock()
 			r.rep.ServerStarts++
-			return nil
+			return p, nil
 		}
 		p.cmd.Process.Kill()
 		<-p.done
 		last = fmt.Errorf("%w (attempt %d)", errNoServer, attempt+1)
 	}
-	return last
+	return nil, last
+}
+
+// freeAddr is a TCP address of 127.0.0.1 with a port free now: the kernel
+// picks it for a listener opened and closed at once.
+func freeAddr() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	addr := ln.Addr().String()
+	return addr, ln.Close()
 }
 
 func (r *runner) startClient() {
@@ -601,6 +676,7 @@ func (r *runner) killServer() {
 	r.server.cmd.Process.Signal(syscall.SIGKILL)
 	<-r.server.done
 	r.rep.ServerKills++
+	r.lastServerKill = time.Now()
 	time.Sleep(time.Duration(r.rng.IntN(300)) * time.Millisecond)
 	if err := r.startServer(); err != nil {
 		r.rep.fail("server restart: %v", err)
@@ -613,10 +689,106 @@ func (r *runner) killAll() {
 		c.cmd.Process.Kill()
 		<-c.done
 	}
-	if r.server != nil {
-		r.server.cmd.Process.Kill()
-		<-r.server.done
+	for _, p := range []*proc{r.server, r.retiring} {
+		if p != nil {
+			p.cmd.Process.Kill()
+			<-p.done
+		}
 	}
+}
+
+// replaceServer replaces the server as the README's upgrade procedure
+// says: a new server with the same options takes the socket over while the
+// old one serves on; a client restarted meanwhile dials the new one; then
+// the old server gets SIGTERM and must exit, its clients moving to the new
+// one, with no call failing. Now and then (never the first time) the new
+// server is SIGKILLed mid-handover instead: the old one serves on and takes
+// its socket back, and the failed calls count as a server kill's.
+func (r *runner) replaceServer(start time.Time) {
+	abort := r.rep.ServerReplacements+r.rep.AbortedReplacements > 0 && r.rng.IntN(4) == 0
+	old := r.server
+	// Progress lines come every progressEvery: the errors counted before
+	// the replacement are all that happened before it.
+	time.Sleep(2*progressEvery + 100*time.Millisecond)
+	before := r.totals().Errors
+	r.mu.Lock()
+	r.replacing = true
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		r.replacing = false
+		r.mu.Unlock()
+	}()
+	p, err := r.newServer()
+	if err != nil {
+		r.rep.fail("replacement: new server: %v", err)
+		return
+	}
+	r.mu.Lock()
+	r.server, r.retiring = p, old
+	r.mu.Unlock()
+	r.killClient() // its successor dials the path: the new server
+	if len(r.clients) > 0 && !r.clients[len(r.clients)-1].waitReady(30*time.Second) {
+		r.rep.fail("replacement: a client started during it never got ready")
+	}
+	time.Sleep(time.Duration(200+r.rng.IntN(500)) * time.Millisecond)
+
+	if abort {
+		r.mu.Lock()
+		r.replacing = false // the kill's failed calls are expected
+		r.mu.Unlock()
+		p.cmd.Process.Signal(syscall.SIGKILL)
+		<-p.done
+		r.mu.Lock()
+		r.server, r.retiring = old, nil
+		if t := time.Now().Add(settle); t.After(r.stableSince) {
+			r.stableSince = t
+		}
+		r.mu.Unlock()
+		r.rep.ServerKills++
+		r.rep.AbortedReplacements++
+		r.lastServerKill = time.Now()
+		fmt.Fprintf(r.out, "soak: %v: replacement aborted: the new server SIGKILLed mid-handover, the old one serves on\n",
+			time.Since(start).Round(time.Second))
+		return
+	}
+
+	stopStart := time.Now()
+	old.cmd.Process.Signal(syscall.SIGTERM)
+	exited := old.wait(30 * time.Second)
+	took := time.Since(stopStart)
+	r.mu.Lock()
+	r.retiring = nil
+	r.mu.Unlock()
+	switch {
+	case !exited:
+		r.rep.fail("replacement: the old server did not exit within 30s of SIGTERM (killed)")
+	case old.exitErr != nil:
+		r.rep.fail("replacement: the old server exited with %v after SIGTERM", old.exitErr)
+	}
+	time.Sleep(2*progressEvery + 200*time.Millisecond)
+	failed := r.totals().Errors - before
+	r.rep.ReplacementErrors += failed
+	if failed > 0 {
+		r.rep.fail("replacement %d: %d calls failed", r.rep.ServerReplacements+1, failed)
+	}
+	// The clients moved to the new server: it serves over kshm sessions.
+	var served uint64
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if s, ok := r.sample(p); ok {
+			served = s.Kshm.CallsServed
+		}
+		if served > 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if served == 0 {
+		r.rep.fail("replacement %d: the new server served no call over a kshm session", r.rep.ServerReplacements+1)
+	}
+	r.rep.ServerReplacements++
+	fmt.Fprintf(r.out, "soak: %v: server replaced: the old one exited %v after SIGTERM, %d calls failed during the replacement, the new one has served %d over kshm sessions\n",
+		time.Since(start).Round(time.Second), took.Round(time.Millisecond), failed, served)
 }
 
 // prefixWriter passes the children's stderr on, each line prefixed with the

@@ -25,7 +25,10 @@ func (w testWriter) Write(b []byte) (int, error) {
 
 // TestSoak_Short is the short variant of `make soak`: the same run for
 // about 40 seconds (20 with -short; KSHM_SOAK_DURATION overrides), with
-// clients killed every 2 s and the server every 8 s on average.
+// clients killed every 2 s and the server every 8 s on average, and the
+// server replaced once, 7 s in (5 s with -short), before any server kill,
+// with no call failing. (make soak replaces it every 30 s on average, among
+// the kills.)
 func TestSoak_Short(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.Duration = 40 * time.Second
@@ -37,6 +40,7 @@ func TestSoak_Short(t *testing.T) {
 	}
 	cfg.Clients, cfg.Goroutines = 3, 8
 	cfg.ClientKillEvery, cfg.ServerKillEvery = 2*time.Second, 8*time.Second
+	cfg.ServerReplaceEvery = time.Hour // the first replacement only
 	// Generous: under make test other packages run beside this one.
 	cfg.CallTimeout = 10 * time.Second
 	cfg.Seed = time.Now().UnixNano()
@@ -49,5 +53,8 @@ func TestSoak_Short(t *testing.T) {
 	}
 	if !rep.Passed() {
 		t.Fatalf("soak failed: %s", strings.Join(rep.Failures, "; "))
+	}
+	if rep.ServerReplacements == 0 || rep.ReplacementErrors != 0 {
+		t.Fatalf("%d server replacements with %d failed calls: want at least one, with none", rep.ServerReplacements, rep.ReplacementErrors)
 	}
 }

@@ -40,6 +40,9 @@ const (
 	envMaxMsg   = "KSHM_T_MAXMSG"   // maximum message size
 	envName     = "KSHM_T_NAME"     // service name
 	envExitWait = "KSHM_T_EXITWAIT" // server.WithExitWaitTime, ms
+	envAddr     = "KSHM_T_ADDR"     // TCP listen address (default 127.0.0.1:0)
+	envReuse    = "KSHM_T_REUSE"    // "1": listen with SO_REUSEPORT (a replacement server)
+	envMaxSess  = "KSHM_T_MAXSESS"  // kshm.WithServerLimits sessions
 )
 
 const serviceName = "kshm-test"
@@ -78,6 +81,7 @@ func (e *echoImpl) reply(ctx context.Context, req *echo.EchoRequest) *echo.EchoR
 	if v, ok := ctx.Value(mwKey{}).(string); ok {
 		meta["server-mw"] = v
 	}
+	meta["pid"] = strconv.Itoa(os.Getpid()) // which server answered
 	return &echo.EchoResponse{Payload: req.Payload, Message: req.Message, Seq: req.Seq, Meta: meta}
 }
 
@@ -124,7 +128,7 @@ func envInt(name string) int {
 // "ready <tcp address>", a "stats <json>" line on SIGUSR1, and "final <json>"
 // after a graceful stop (SIGTERM).
 func runServer() int {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := listenTCP()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -149,6 +153,7 @@ func runServer() int {
 	}
 	sock := os.Getenv(envSock)
 	noShm := os.Getenv(envNoShm) == "1"
+
 	if !noShm {
 		var kopts []kshm.Option
 		if sock != "" {
@@ -159,6 +164,9 @@ func runServer() int {
 		}
 		if n := envInt(envMaxMsg); n > 0 {
 			kopts = append(kopts, kshm.WithMaxMessageSize(n))
+		}
+		if n := envInt(envMaxSess); n > 0 {
+			kopts = append(kopts, kshm.WithServerLimits(n, 1<<40))
 		}
 		opts = append(opts, kshm.WithServerShmIPC(kopts...))
 	}
@@ -195,7 +203,12 @@ func runServer() int {
 	if !noShm {
 		probeNet, probeAddr = "unix", sock
 		if sock == "" {
-			probeAddr = defaultPath(name)
+			p, err := transport.LocalSocketPath(ln.Addr())
+			if err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return 1
+			}
+			probeAddr = p
 		}
 	}
 	for i := 0; ; i++ {
@@ -217,6 +230,29 @@ func runServer() int {
 	}
 	printStats("final")
 	return 0
+}
+
+// listenTCP listens on KSHM_T_ADDR (127.0.0.1:0 by default), with
+// SO_REUSEPORT when KSHM_T_REUSE is 1.
+func listenTCP() (net.Listener, error) {
+	addr := os.Getenv(envAddr)
+	if addr == "" {
+		addr = "127.0.0.1:0"
+	}
+	var lc net.ListenConfig
+	if os.Getenv(envReuse) == "1" {
+		lc.Control = func(network, address string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, 0xf /* SO_REUSEPORT */, 1)
+			})
+			if err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	return lc.Listen(context.Background(), "tcp", addr)
 }
 
 func defaultPath(name string) string {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,15 +15,23 @@ import (
 	"github.com/shmkit/kshm/shm"
 )
 
-// ClientPool is a Kitex connection pool that hands out virtual connections
-// over a few shm sessions to one socket path, and connections of a fallback
-// pool (Kitex's netpoll transport to the address Kitex resolved) when no
-// session can be had. Dead sessions are re-established in the background
-// with exponential backoff; calls meanwhile fall back.
+// ClientPool hands out virtual connections over a few shm sessions to one
+// socket path. Dead sessions are re-established in the background with
+// exponential backoff; calls meanwhile fall back. Every session starts with
+// the server's announcement of the addresses it serves (see RoutePool).
+//
+// Kitex clients do not use it directly: a RoutePool per Kitex client shares
+// one ClientPool per socket path and configuration with every other Kitex
+// client of the process (acquirePool). Used directly as a Kitex pool, it
+// sends every call over its sessions and the rest to fallback, whatever the
+// address.
 type ClientPool struct {
 	cfg      Config
 	path     string
-	fallback remote.ConnPool
+	fallback remote.ConnPool // nil in a shared pool
+
+	key  string // registry key; refs guarded by the registry's lock
+	refs int
 
 	slots []*slot
 	next  atomic.Uint32 // round robin over slots
@@ -38,8 +47,9 @@ type ClientPool struct {
 
 // slot holds one of the pool's sessions, or the job of re-establishing it.
 type slot struct {
-	mu           sync.Mutex // guards cur, tried, reconnecting; held during a first, synchronous dial
+	mu           sync.Mutex // guards cur, ann, tried, reconnecting; held during a first, synchronous dial
 	cur          *clientSession
+	ann          *announce // what cur's server announced
 	tried        bool
 	reconnecting bool
 }
@@ -68,41 +78,54 @@ func (p *ClientPool) SocketPath() string { return p.path }
 
 // Get implements remote.ConnPool.
 func (p *ClientPool) Get(ctx context.Context, network, address string, opt remote.ConnOption) (net.Conn, error) {
-	if cs := p.session(ctx); cs != nil {
-		if c := cs.getConn(); c != nil {
-			return c, nil
-		}
+	if c := p.conn(ctx, nil); c != nil {
+		return c, nil
 	}
 	counters.fallbackCalls.Add(1)
+	if p.fallback == nil {
+		return nil, errNoFallback
+	}
 	return p.fallback.Get(ctx, network, address, opt)
 }
 
-// session returns a usable session: the next slot's in round robin (dialing
-// it if it was never tried), else any usable one.
-func (p *ClientPool) session(ctx context.Context) *clientSession {
+var errNoFallback = errors.New("kshm: no session and no fallback pool")
+
+// conn returns a virtual connection over a session whose server serves
+// target (any session when target is nil), or nil.
+func (p *ClientPool) conn(ctx context.Context, target *netip.AddrPort) *clientConn {
+	if cs := p.session(ctx, target); cs != nil {
+		return cs.getConn()
+	}
+	return nil
+}
+
+// session returns a usable session (whose server serves target, unless
+// target is nil): the next slot's in round robin (dialing it if it was
+// never tried), else any usable one.
+func (p *ClientPool) session(ctx context.Context, target *netip.AddrPort) *clientSession {
 	n := uint32(len(p.slots))
 	start := p.next.Add(1)
 	sl := p.slots[start%n]
-	if cs := sl.usable(); cs != nil {
+	if cs := sl.usable(target); cs != nil {
 		return cs
 	}
-	if cs := p.firstDial(ctx, sl); cs != nil {
+	if cs := p.firstDial(ctx, sl, target); cs != nil {
 		return cs
 	}
 	for i := uint32(1); i < n; i++ {
-		if cs := p.slots[(start+i)%n].usable(); cs != nil {
+		if cs := p.slots[(start+i)%n].usable(target); cs != nil {
 			return cs
 		}
 	}
 	return nil
 }
 
-// usable returns the slot's session if it takes calls.
-func (sl *slot) usable() *clientSession {
+// usable returns the slot's session if it takes calls for target.
+func (sl *slot) usable(target *netip.AddrPort) *clientSession {
 	sl.mu.Lock()
-	cs := sl.cur
+	cs, ann := sl.cur, sl.ann
 	sl.mu.Unlock()
-	if cs != nil && cs.usable() {
+	if cs != nil && cs.usable() && (target == nil || ann.serves(*target)) {
 		return cs
 	}
 	return nil
@@ -114,52 +137,64 @@ func (sl *slot) usable() *clientSession {
 // shorter than creating and mapping two regions may take on a loaded
 // machine; a failed dial only means fallback). Later attempts happen in the
 // background.
-func (p *ClientPool) firstDial(ctx context.Context, sl *slot) *clientSession {
+func (p *ClientPool) firstDial(ctx context.Context, sl *slot, target *netip.AddrPort) *clientSession {
 	sl.mu.Lock()
 	defer sl.mu.Unlock()
-	if sl.cur != nil && sl.cur.usable() {
+	if sl.cur != nil && sl.cur.usable() && (target == nil || sl.ann.serves(*target)) {
 		return sl.cur
 	}
 	if sl.tried || p.isClosed() {
 		return nil
 	}
 	sl.tried = true
-	cs, err := p.dial(ctx, sl)
+	cs, ann, err := p.dial(ctx, sl)
 	if err != nil {
 		p.logf("kshm: no session to %s, calls fall back to Kitex's transport: %v", p.path, err)
 		p.startReconnect(sl)
 		return nil
 	}
-	sl.cur = cs
+	sl.cur, sl.ann = cs, ann
+	if target != nil && !ann.serves(*target) {
+		return nil
+	}
 	return cs
 }
 
-func (p *ClientPool) dial(ctx context.Context, sl *slot) (*clientSession, error) {
+// dial establishes a session and reads the server's announcement before
+// the session carries anything else.
+func (p *ClientPool) dial(ctx context.Context, sl *slot) (*clientSession, *announce, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.DialTimeout)
 	defer cancel()
 	s, err := shm.Dial(ctx, p.path, p.cfg.Shm)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
+	}
+	ann, err := recvAnnounce(ctx, s)
+	if err != nil {
+		s.Close()
+		return nil, nil, err
 	}
 	cs := newClientSession(p, sl, s)
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
 		s.Close()
-		return nil, errPoolClosed
+		return nil, nil, errPoolClosed
 	}
 	p.sessions[cs] = struct{}{}
 	p.wg.Add(1)
 	p.mu.Unlock()
 	counters.dialed.Add(1)
+	counters.clientSessions.Add(1)
 	go func() {
 		defer p.wg.Done()
 		cs.dispatch()
+		counters.clientSessions.Add(-1)
 		p.mu.Lock()
 		delete(p.sessions, cs)
 		p.mu.Unlock()
 	}()
-	return cs, nil
+	return cs, ann, nil
 }
 
 var errPoolClosed = errors.New("kshm: connection pool closed")
@@ -196,8 +231,10 @@ func (p *ClientPool) startReconnect(sl *slot) {
 
 func (p *ClientPool) reconnect(sl *slot) {
 	defer p.wg.Done()
+	// The first attempt is immediate: after a go-away the socket usually
+	// leads to the server that replaced this one already.
 	backoff := p.cfg.ReconnectMin
-	t := time.NewTimer(backoff)
+	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
 		select {
@@ -208,20 +245,20 @@ func (p *ClientPool) reconnect(sl *slot) {
 			return
 		case <-t.C:
 		}
-		cs, err := p.dial(p.ctx, sl)
+		cs, ann, err := p.dial(p.ctx, sl)
 		if err == nil {
 			sl.mu.Lock()
-			sl.cur = cs
+			sl.cur, sl.ann = cs, ann
 			sl.reconnecting = false
 			sl.mu.Unlock()
 			klog.Infof("kshm: session to %s re-established", p.path)
 			return
 		}
+		t.Reset(backoff)
 		backoff *= 2
 		if backoff > p.cfg.ReconnectMax {
 			backoff = p.cfg.ReconnectMax
 		}
-		t.Reset(backoff)
 	}
 }
 
@@ -230,6 +267,9 @@ func (p *ClientPool) Put(conn net.Conn) error {
 	if c, ok := conn.(*clientConn); ok {
 		c.cs.putConn(c)
 		return nil
+	}
+	if p.fallback == nil {
+		return conn.Close()
 	}
 	return p.fallback.Put(conn)
 }
@@ -240,6 +280,9 @@ func (p *ClientPool) Discard(conn net.Conn) error {
 	if c, ok := conn.(*clientConn); ok {
 		c.Close()
 		return nil
+	}
+	if p.fallback == nil {
+		return conn.Close()
 	}
 	return p.fallback.Discard(conn)
 }
@@ -271,6 +314,9 @@ func (p *ClientPool) Close() error {
 		cs.s.Close()
 	}
 	p.wg.Wait()
+	if p.fallback == nil {
+		return nil
+	}
 	return p.fallback.Close()
 }
 

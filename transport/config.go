@@ -3,7 +3,6 @@ package transport
 import (
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -14,12 +13,24 @@ import (
 // ErrBadConfig wraps every validation failure of a kshm setting.
 var ErrBadConfig = errors.New("kshm: invalid setting")
 
+// ErrConflict wraps every refusal of a combination kshm cannot serve: a
+// client-only setting on a server (or the reverse), or a Kitex option that
+// would silently take kshm out of the path.
+var ErrConflict = errors.New("kshm: conflicting options")
+
 // Limits of the transport settings.
 const (
 	MaxSessions        = 64
 	maxUnixPathLen     = 107 // sun_path is 108 bytes with the trailing NUL
 	defaultSessions    = 1
 	defaultMaxIdleConn = 256
+
+	// DefaultMaxServerSessions and DefaultMaxServerMemory are a server's
+	// default limits: sessions at once, and bytes of shared memory its own
+	// regions commit (sessions x RegionSize). A client beyond them is
+	// served as plain Kitex on the socket.
+	DefaultMaxServerSessions = 128
+	DefaultMaxServerMemory   = 1 << 30
 )
 
 // Config is the transport's configuration, shared by client and server.
@@ -38,6 +49,12 @@ type Config struct {
 	// ReconnectMin and ReconnectMax bound the backoff between attempts to
 	// re-establish a dead session.
 	ReconnectMin, ReconnectMax time.Duration
+	// MaxServerSessions and MaxServerMemory are a server's limits.
+	MaxServerSessions int
+	MaxServerMemory   int64
+	// MaxIdleTimeout closes a virtual connection idle longer than this
+	// (0: never). From Kitex's long-pool setting.
+	MaxIdleTimeout time.Duration
 }
 
 // DefaultConfig returns the defaults: shm.DefaultConfig, one session per
@@ -50,7 +67,39 @@ func DefaultConfig() Config {
 		DialTimeout:  3 * time.Second,
 		ReconnectMin: 50 * time.Millisecond,
 		ReconnectMax: 2 * time.Second,
+
+		MaxServerSessions: DefaultMaxServerSessions,
+		MaxServerMemory:   DefaultMaxServerMemory,
 	}
+}
+
+// FitMaxMessage makes the default maximum message follow the region: it
+// stays shm's default (8 MiB) when the arena of RegionSize holds it, and
+// becomes half the arena otherwise (never below shm.MinMaxMessageSize).
+// Call it when MaxMessageSize was not set explicitly; an explicit setting
+// that does not fit is refused by Validate.
+func (c *Config) FitMaxMessage() {
+	try := *c
+	if try.Shm.Validate() == nil {
+		return
+	}
+	try.Shm.MaxMessageSize = shm.MinMaxMessageSize
+	if try.Shm.Validate() != nil {
+		return // something else is wrong: Validate names it
+	}
+	// The largest MaxMessageSize the arena takes, by bisection over
+	// Validate (the arena's size is the engine's business).
+	lo, hi := shm.MinMaxMessageSize, c.Shm.MaxMessageSize
+	for hi-lo > 1 {
+		mid := lo + (hi-lo)/2
+		try.Shm.MaxMessageSize = mid
+		if try.Shm.Validate() == nil {
+			lo = mid
+		} else {
+			hi = mid
+		}
+	}
+	c.Shm.MaxMessageSize = max(lo/2, shm.MinMaxMessageSize)
 }
 
 // Validate checks every setting; the error wraps ErrBadConfig (and
@@ -77,6 +126,15 @@ func (c *Config) Validate() error {
 	if c.ReconnectMin <= 0 || c.ReconnectMax < c.ReconnectMin || c.ReconnectMax > 10*time.Minute {
 		return bad("WithReconnectBackoff: min %v, max %v: need 0 < min <= max <= 10m", c.ReconnectMin, c.ReconnectMax)
 	}
+	if c.MaxServerSessions < 1 {
+		return bad("WithServerLimits: at most %d sessions: must be at least 1", c.MaxServerSessions)
+	}
+	if c.MaxServerMemory < int64(c.Shm.RegionSize) {
+		return bad("WithServerLimits: at most %d bytes of shared memory: less than one region (WithRegionSize %d)", c.MaxServerMemory, c.Shm.RegionSize)
+	}
+	if c.MaxIdleTimeout < 0 {
+		return bad("MaxIdleTimeout %v must not be negative", c.MaxIdleTimeout)
+	}
 	if err := c.Shm.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", ErrBadConfig, err)
 	}
@@ -93,9 +151,10 @@ func checkSocketPath(p string) error {
 	return nil
 }
 
-// DefaultSocketPath is the socket path both sides derive from a service name
-// when none is configured: <os.TempDir()>/kshm-<service>.sock, with every
-// character outside [A-Za-z0-9._-] replaced by '_'.
+// DefaultSocketPath is the socket a client without an address, a resolver
+// or WithSocketPath dials: <LocalDir>/svc-<service>.sock, a symlink that
+// the latest server of that service without WithSocketPath points at its
+// socket. Every character of the name outside [A-Za-z0-9._-] becomes '_'.
 func DefaultSocketPath(service string) (string, error) {
 	if service == "" {
 		return "", fmt.Errorf("%w: WithSocketPath: not set, and no service name to derive it from", ErrBadConfig)
@@ -107,17 +166,9 @@ func DefaultSocketPath(service string) (string, error) {
 		}
 		return '_'
 	}, service)
-	p := filepath.Join(os.TempDir(), "kshm-"+clean+".sock")
+	p := filepath.Join(LocalDir(), "svc-"+clean+".sock")
 	if err := checkSocketPath(p); err != nil {
 		return "", fmt.Errorf("%w: WithSocketPath: default path from service %q: %v", ErrBadConfig, service, err)
 	}
 	return p, nil
-}
-
-// socketPath resolves the configured or default path.
-func (c *Config) socketPath(service string) (string, error) {
-	if c.SocketPath != "" {
-		return c.SocketPath, nil
-	}
-	return DefaultSocketPath(service)
 }

@@ -27,6 +27,11 @@ type Counters struct {
 	PlainConns uint64
 	// ClientConns / ServerConns: virtual connections open now.
 	ClientConns, ServerConns int64
+	// SessionsRefused: sessions a server refused for its limits (those
+	// clients are served as plain Kitex).
+	SessionsRefused uint64
+	// ClientSessions / ServerSessions: sessions open now, by side.
+	ClientSessions, ServerSessions int64
 }
 
 var counters struct {
@@ -34,6 +39,8 @@ var counters struct {
 	inlineRequests, inlineResponses, late atomic.Uint64
 	dialed, accepted, lost, plain         atomic.Uint64
 	clientConns, serverConns              atomic.Int64
+	refused                               atomic.Uint64
+	clientSessions, serverSessions        atomic.Int64
 }
 
 // ReadCounters returns the transport counters.
@@ -51,5 +58,8 @@ func ReadCounters() Counters {
 		PlainConns:       counters.plain.Load(),
 		ClientConns:      counters.clientConns.Load(),
 		ServerConns:      counters.serverConns.Load(),
+		SessionsRefused:  counters.refused.Load(),
+		ClientSessions:   counters.clientSessions.Load(),
+		ServerSessions:   counters.serverSessions.Load(),
 	}
 }

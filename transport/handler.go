@@ -2,6 +2,7 @@ package transport
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"sync/atomic"
 
@@ -10,15 +11,84 @@ import (
 	"github.com/cloudwego/kitex/pkg/remote/trans"
 )
 
-// NewCliTransHandlerFactory returns the client trans handler factory: Kitex's
-// default client handler with kshm's extension, so one client serves calls
-// over virtual connections and fallback netpoll connections alike.
-func NewCliTransHandlerFactory() remote.ClientTransHandlerFactory { return cliFactory{} }
+// NewCliTransHandlerFactory returns the client trans handler factory: calls
+// over kshm virtual connections go to Kitex's default client handler with
+// kshm's extension; every other connection (the fallback pool's) to the
+// handler of inner, the factory the client had (Kitex's netpoll one, a mux
+// or a custom one). inner nil: kshm's handler serves both.
+func NewCliTransHandlerFactory(inner remote.ClientTransHandlerFactory) remote.ClientTransHandlerFactory {
+	return cliFactory{inner: inner}
+}
 
-type cliFactory struct{}
+type cliFactory struct {
+	inner remote.ClientTransHandlerFactory
+}
 
-func (cliFactory) NewTransHandler(opt *remote.ClientOption) (remote.ClientTransHandler, error) {
-	return trans.NewDefaultCliTransHandler(opt, newExtension(false))
+func (f cliFactory) NewTransHandler(opt *remote.ClientOption) (remote.ClientTransHandler, error) {
+	own, err := trans.NewDefaultCliTransHandler(opt, newExtension(false))
+	if err != nil {
+		return nil, err
+	}
+	h := &cliHandler{own: own, inner: own}
+	if f.inner != nil {
+		// The inner handler sees the pool it serves: the fallback pool
+		// (a mux handler insists on its own pool).
+		io := *opt
+		if rp, ok := opt.ConnPool.(*RoutePool); ok {
+			io.ConnPool = rp.fallback
+		}
+		if h.inner, err = f.inner.NewTransHandler(&io); err != nil {
+			return nil, err
+		}
+	}
+	return h, nil
+}
+
+// cliHandler routes each connection to the handler of its kind.
+type cliHandler struct {
+	own, inner remote.ClientTransHandler
+}
+
+func (h *cliHandler) pick(conn net.Conn) remote.ClientTransHandler {
+	if _, ok := conn.(*clientConn); ok {
+		return h.own
+	}
+	return h.inner
+}
+
+func (h *cliHandler) Write(ctx context.Context, conn net.Conn, send remote.Message) (context.Context, error) {
+	c, ok := conn.(*clientConn)
+	if !ok {
+		return h.inner.Write(ctx, conn, send)
+	}
+	ctx, err := h.own.Write(ctx, conn, send)
+	if c.lastInline {
+		setTag(send.RPCInfo(), TransportInline)
+	}
+	return ctx, err
+}
+
+func (h *cliHandler) Read(ctx context.Context, conn net.Conn, msg remote.Message) (context.Context, error) {
+	return h.pick(conn).Read(ctx, conn, msg)
+}
+
+func (h *cliHandler) OnInactive(ctx context.Context, conn net.Conn) {
+	h.pick(conn).OnInactive(ctx, conn)
+}
+
+func (h *cliHandler) OnError(ctx context.Context, err error, conn net.Conn) {
+	h.pick(conn).OnError(ctx, err, conn)
+}
+
+func (h *cliHandler) OnMessage(ctx context.Context, args, result remote.Message) (context.Context, error) {
+	return h.own.OnMessage(ctx, args, result)
+}
+
+func (h *cliHandler) SetPipeline(p *remote.TransPipeline) {
+	h.own.SetPipeline(p)
+	if h.inner != h.own {
+		h.inner.SetPipeline(p)
+	}
 }
 
 // NewSvrTransHandlerFactory wraps the server's trans handler factory (Kitex's
@@ -36,6 +106,10 @@ type svrFactory struct {
 }
 
 func (f *svrFactory) NewTransHandler(opt *remote.ServerOption) (remote.ServerTransHandler, error) {
+	if tf, ok := opt.TransServerFactory.(*transServerFactory); !ok || tf.handlers != f {
+		return nil, fmt.Errorf("%w: WithServerShmIPC: the server's trans server factory was replaced after "+
+			"WithServerShmIPC (kshm would be off); put WithServerShmIPC after server.WithTransServerFactory", ErrConflict)
+	}
 	own, err := trans.NewDefaultSvrTransHandler(opt, newExtension(true))
 	if err != nil {
 		return nil, err

@@ -46,51 +46,61 @@ func (f *transServerFactory) NewTransServer(opt *remote.ServerOption, hdl remote
 		opt:      opt,
 		hdl:      hdl,
 		cfg:      f.cfg,
+		service:  f.service,
+		stopc:    make(chan struct{}),
 		sessions: make(map[*serverSession]struct{}),
 		plain:    make(map[*plainConn]struct{}),
 		accepted: make(map[net.Conn]struct{}),
 	}
 	if f.handlers == nil || !f.handlers.made.Load() {
 		ts.initErr = fmt.Errorf("%w: WithServerShmIPC: the server's trans handler factory was replaced after "+
-			"WithServerShmIPC; put WithServerShmIPC after server.WithTransHandlerFactory", ErrBadConfig)
+			"WithServerShmIPC; put WithServerShmIPC after server.WithTransHandlerFactory", ErrConflict)
 	}
 	if f.inner != nil {
 		ts.inner = f.inner.NewTransServer(opt, hdl)
 	}
-	path, err := f.cfg.socketPath(f.service())
-	if err != nil && ts.initErr == nil {
-		ts.initErr = err
-	}
-	ts.path = path
-	ts.unixAddr = &net.UnixAddr{Net: "unix", Name: path}
 	return ts
 }
 
 // TransServer is the composite trans server of WithServerShmIPC.
 type TransServer struct {
-	opt      *remote.ServerOption
-	hdl      remote.ServerTransHandler
-	cfg      Config
-	inner    remote.TransServer
-	path     string
-	unixAddr *net.UnixAddr
-	initErr  error
+	opt     *remote.ServerOption
+	hdl     remote.ServerTransHandler
+	cfg     Config
+	inner   remote.TransServer
+	service func() string
+	initErr error
+
+	// Set when the socket is published (listenUnix), read-only after.
+	path     string        // the socket
+	unixAddr *net.UnixAddr // path as an address
+	alias    string        // the service-name symlink to it, "" if none
+	ann      *announce     // what every session is told first
+
+	refusedOnce sync.Once     // logging of the first session refused for a limit
+	stopc       chan struct{} // closed by Shutdown
 
 	inflight     atomic.Int64 // requests being served on the unix socket
 	queued       atomic.Int64 // requests received on sessions, not yet being served
 	shuttingDown atomic.Bool
 
-	mu       sync.Mutex // guards ln, lnFile, sessions, plain, accepted
-	ln       *net.UnixListener
-	lnFile   os.FileInfo // the socket file ln created
-	sessions map[*serverSession]struct{}
-	plain    map[*plainConn]struct{}
-	accepted map[net.Conn]struct{} // conns still reading their preface
-	wg       sync.WaitGroup        // accept loop and connection goroutines
+	mu          sync.Mutex // guards ln, lnFile, sessions, plain, accepted
+	ln          *net.UnixListener
+	lnFile      os.FileInfo // the socket file ln created
+	sessions    map[*serverSession]struct{}
+	handshaking int // sessions in their handshake (counted against the limits)
+	plain       map[*plainConn]struct{}
+	accepted    map[net.Conn]struct{} // conns still reading their preface
+	wg          sync.WaitGroup        // accept loop and connection goroutines
 }
 
-// SocketPath is where the server accepts kshm sessions.
-func (ts *TransServer) SocketPath() string { return ts.path }
+// SocketPath is where the server accepts kshm sessions (known once the
+// server listens).
+func (ts *TransServer) SocketPath() string {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	return ts.path
+}
 
 // CreateListener implements remote.TransServer: the usual address's listener
 // from the wrapped server, and the unix socket.
@@ -98,68 +108,61 @@ func (ts *TransServer) CreateListener(addr net.Addr) (net.Listener, error) {
 	if ts.initErr != nil {
 		return nil, ts.initErr
 	}
-	if addr != nil && addr.Network() == "unix" && addr.String() == ts.path {
-		return nil, fmt.Errorf("%w: WithSocketPath: %s is also the server's service address", ErrBadConfig, ts.path)
-	}
-	if err := ts.listenUnix(); err != nil {
-		return nil, err
+	if addr != nil && addr.Network() == "unix" && ts.cfg.SocketPath != "" && addr.String() == ts.cfg.SocketPath {
+		return nil, fmt.Errorf("%w: WithSocketPath: %s is also the server's service address", ErrBadConfig, ts.cfg.SocketPath)
 	}
 	ln, err := ts.inner.CreateListener(addr)
 	if err != nil {
-		ts.closeListener()
+		return nil, err
+	}
+	if err := ts.listenUnix(ln.Addr()); err != nil {
+		ln.Close()
 		return nil, err
 	}
 	return ln, nil
 }
 
-func (ts *TransServer) listenUnix() error {
+// listenUnix publishes the unix socket: at WithSocketPath, or else in
+// LocalDir under the name of the service address addr (with a symlink
+// named for the service, for clients that have no address). Whatever socket
+// was there is replaced atomically: a server still running on it keeps its
+// sessions until it stops (see the upgrade procedure in the README).
+func (ts *TransServer) listenUnix(addr net.Addr) error {
 	ts.mu.Lock()
 	defer ts.mu.Unlock()
 	if ts.ln != nil {
 		return nil
 	}
-	if err := removeStaleSocket(ts.path); err != nil {
+	path, alias := ts.cfg.SocketPath, ""
+	if path == "" {
+		if _, err := ensureLocalDir(); err != nil {
+			return err
+		}
+		p, err := LocalSocketPath(addr)
+		if err != nil {
+			return err
+		}
+		path = p
+		if name := ts.service(); name != "" {
+			if a, err := DefaultSocketPath(name); err == nil {
+				alias = a
+			}
+		}
+	}
+	ln, fi, err := bindReplace(path, ts.cfg.Shm.SocketMode, shm.ListenUnix)
+	if err != nil {
 		return err
 	}
-	// Created with its final mode before it appears at the path.
-	ln, err := shm.ListenUnix(ts.path, ts.cfg.Shm.SocketMode)
-	if err != nil {
-		return fmt.Errorf("kshm: listen on %s: %w", ts.path, err)
-	}
-	fi, err := os.Stat(ts.path)
-	if err != nil {
-		ln.Close()
-		return fmt.Errorf("kshm: listen on %s: %w", ts.path, err)
-	}
-	ts.ln, ts.lnFile = ln, fi
-	return nil
-}
-
-// removeStaleSocket removes a socket file nobody listens on; it refuses to
-// touch a live socket or a file that is not a socket.
-func removeStaleSocket(path string) error {
-	fi, err := os.Lstat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("kshm: socket path %s: %w", path, err)
-	}
-	if fi.Mode()&os.ModeSocket == 0 {
-		return fmt.Errorf("%w: WithSocketPath: %s exists and is not a socket", ErrBadConfig, path)
-	}
-	c, err := net.DialTimeout("unix", path, time.Second)
-	if err == nil {
-		c.Close()
-		return fmt.Errorf("kshm: another server is listening on %s", path)
-	}
-	if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, os.ErrNotExist) {
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("kshm: removing stale socket %s: %w", path, err)
+	if alias != "" {
+		if err := publishAlias(alias, path); err != nil {
+			klog.Warnf("kshm: service alias %s: %v", alias, err)
+			alias = ""
 		}
-		return nil
 	}
-	return fmt.Errorf("kshm: probing socket %s: %w", path, err)
+	ts.ln, ts.lnFile, ts.path, ts.alias = ln, fi, path, alias
+	ts.unixAddr = &net.UnixAddr{Net: "unix", Name: path}
+	ts.ann = newAnnounce(addr)
+	return nil
 }
 
 // BootstrapServer implements remote.TransServer: it starts accepting on the
@@ -168,16 +171,91 @@ func (ts *TransServer) BootstrapServer(ln net.Listener) error {
 	if ts.initErr != nil {
 		return ts.initErr
 	}
-	if err := ts.listenUnix(); err != nil { // a listener given by server.WithListener skips CreateListener
+	var addr net.Addr
+	if ln != nil {
+		addr = ln.Addr()
+	}
+	if err := ts.listenUnix(addr); err != nil { // a listener given by server.WithListener skips CreateListener
 		return err
 	}
 	ts.mu.Lock()
-	uln := ts.ln
+	uln, path := ts.ln, ts.path
 	ts.mu.Unlock()
-	klog.Infof("KITEX: kshm server accepting on %s", ts.path)
-	ts.wg.Add(1)
+	klog.Infof("KITEX: kshm server accepting on %s", path)
+	ts.wg.Add(2)
 	go ts.acceptLoop(uln)
+	go ts.watchSocket()
 	return ts.inner.BootstrapServer(ln)
+}
+
+// watchSocket takes the socket path back when the server that replaced
+// this one is gone (killed during a handover, or stopped and removed its
+// socket) while this one still runs: clients then return to a live server.
+func (ts *TransServer) watchSocket() {
+	defer ts.wg.Done()
+	t := time.NewTicker(watchInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ts.stopc:
+			return
+		case <-t.C:
+		}
+		ts.mu.Lock()
+		path, ours := ts.path, ts.lnFile
+		ts.mu.Unlock()
+		if ours == nil {
+			return
+		}
+		fi, err := os.Stat(path)
+		if err == nil && os.SameFile(fi, ours) {
+			continue
+		}
+		if err == nil {
+			// Another server's socket: leave it while it accepts. (Closing
+			// at once, before sending anything, is not logged there.)
+			c, derr := net.DialTimeout("unix", path, time.Second)
+			if derr == nil {
+				c.Close()
+				continue
+			}
+			if !errors.Is(derr, syscall.ECONNREFUSED) && !errors.Is(derr, os.ErrNotExist) {
+				continue
+			}
+		} else if !errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err := ts.republish(); err != nil {
+			klog.Warnf("kshm: taking %s back: %v", path, err)
+		}
+	}
+}
+
+// watchInterval is how often a server checks that its socket path still
+// leads to a live server.
+const watchInterval = 500 * time.Millisecond
+
+// republish binds the socket path anew and accepts on it.
+func (ts *TransServer) republish() error {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.shuttingDown.Load() || ts.ln == nil {
+		return nil
+	}
+	ln, fi, err := bindReplace(ts.path, ts.cfg.Shm.SocketMode, shm.ListenUnix)
+	if err != nil {
+		return err
+	}
+	if ts.alias != "" {
+		_ = publishAlias(ts.alias, ts.path)
+	}
+	old := ts.ln
+	ts.ln, ts.lnFile = ln, fi
+	old.Close() // its path is gone: nobody can connect to it any more
+	ts.wg.Add(1)
+	go ts.acceptLoop(ln)
+	klog.Infof("KITEX: kshm server took %s back (the server that had replaced it is gone)", ts.path)
+	return nil
 }
 
 func (ts *TransServer) acceptLoop(ln *net.UnixListener) {
@@ -240,10 +318,40 @@ func (ts *TransServer) handleConn(conn *net.UnixConn) {
 }
 
 func (ts *TransServer) serveSession(conn *net.UnixConn) {
+	// Limits: a session beyond them is refused before the handshake (no
+	// memory is committed); the client falls back to plain Kitex.
+	ts.mu.Lock()
+	n := len(ts.sessions) + ts.handshaking
+	over := n >= ts.cfg.MaxServerSessions || int64(n+1)*int64(ts.cfg.Shm.RegionSize) > ts.cfg.MaxServerMemory
+	if !over {
+		ts.handshaking++
+	}
+	ts.mu.Unlock()
+	if over {
+		counters.refused.Add(1)
+		ts.refusedOnce.Do(func() {
+			klog.Warnf("kshm: %s: a session beyond the server's limits (%d sessions, %d bytes of shared memory) was refused; "+
+				"such clients are served as plain Kitex (logged once, counted in Stats.Server.SessionsRefused)",
+				ts.path, ts.cfg.MaxServerSessions, ts.cfg.MaxServerMemory)
+		})
+		conn.Close()
+		return
+	}
 	s, err := shm.ServerSession(conn, ts.cfg.Shm)
+	ts.mu.Lock()
+	ts.handshaking--
+	ts.mu.Unlock()
 	if err != nil {
 		klog.Warnf("kshm: session handshake on %s: %v", ts.path, err)
 		conn.Close()
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), ts.cfg.Shm.HandshakeTimeout)
+	err = sendAnnounce(ctx, s, ts.ann)
+	cancel()
+	if err != nil {
+		klog.Warnf("kshm: session on %s: sending the announcement: %v", ts.path, err)
+		s.Close()
 		return
 	}
 	ss := &serverSession{ts: ts, s: s, conns: make(map[uint64]*serverConn), acked: make(chan struct{})}
@@ -256,7 +364,9 @@ func (ts *TransServer) serveSession(conn *net.UnixConn) {
 	ts.sessions[ss] = struct{}{}
 	ts.mu.Unlock()
 	counters.accepted.Add(1)
+	counters.serverSessions.Add(1)
 	ss.serve()
+	counters.serverSessions.Add(-1)
 	ts.mu.Lock()
 	delete(ts.sessions, ss)
 	ts.mu.Unlock()
@@ -333,6 +443,7 @@ func (ts *TransServer) Shutdown() error {
 		innerErr <- ts.inner.Shutdown()
 	}()
 
+	close(ts.stopc)
 	ts.closeListener()
 	ts.mu.Lock()
 	sessions := make([]*serverSession, 0, len(ts.sessions))
@@ -399,9 +510,13 @@ func (ts *TransServer) closeListener() {
 	ts.mu.Unlock()
 	if ln != nil {
 		ln.Close()
-		// Remove the socket file if it is still ours (not a newer server's).
+		// Remove the socket file if it is still ours (not a newer server's
+		// that replaced it), and our alias to it.
 		if cur, err := os.Stat(ts.path); err == nil && os.SameFile(cur, fi) {
 			os.Remove(ts.path)
+			if ts.alias != "" {
+				removeAlias(ts.alias, ts.path)
+			}
 		}
 	}
 }

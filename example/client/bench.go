@@ -63,7 +63,9 @@ func measure(ec echoservice.Client, size, concurrency int, d time.Duration) resu
 		go func() {
 			defer wg.Done()
 			c := newCaller(ec, size, w)
-			for time.Now().Before(end) {
+			// At least one call each, even if this goroutine first runs
+			// after end (a loaded machine).
+			for first := true; first || time.Now().Before(end); first = false {
 				c.call()
 			}
 			mu.Lock()

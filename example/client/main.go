@@ -34,7 +34,7 @@ func main() {
 func run() error {
 	var (
 		addr        = flag.String("addr", "", "the server's TCP `address` (host:port)")
-		socketPath  = flag.String("socket", "", "the server's kshm unix socket `path`")
+		socketPath  = flag.String("socket", "", "the server's kshm unix socket `path` (empty: the zero-config path kshm finds for -addr)")
 		regionSize  = flag.Int("region-size", 0, "kshm region size in `bytes` (0: kshm's default)")
 		maxMessage  = flag.Int("max-message", 0, "largest message kshm carries in shared memory, in `bytes` (0: kshm's default); larger ones fall back")
 		wakeMode    = flag.String("wake", "", "kshm wake `mode`: notify, poll or timed (empty: kshm's default)")
@@ -43,11 +43,12 @@ func run() error {
 		concurrency = flag.Int("concurrency", 1, "concurrent callers")
 		timeout     = flag.Duration("timeout", 3*time.Second, "RPC timeout")
 		compareTCP  = flag.Bool("compare-tcp", true, "also measure each size over plain Kitex on the server's TCP address (no kshm), side by side")
+		load        = flag.Bool("load", false, "instead: call Echo at the first of -sizes from -concurrency goroutines until stdin says stop, printing which server answered (see runLoad)")
 	)
 	flag.Parse()
-	if *addr == "" || *socketPath == "" {
+	if *addr == "" {
 		flag.Usage()
-		return fmt.Errorf("-addr and -socket are required")
+		return fmt.Errorf("-addr is required")
 	}
 	if *concurrency < 1 {
 		return fmt.Errorf("-concurrency %d: want at least 1", *concurrency)
@@ -76,6 +77,9 @@ func run() error {
 	opts, err := common(true)
 	if err != nil {
 		return err
+	}
+	if *load {
+		return runLoad(opts, sizes[0], *concurrency, os.Stdin, os.Stdout)
 	}
 	echoCli, err := newClient(echoservice.NewClient, opts)
 	if err != nil {

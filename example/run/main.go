@@ -5,6 +5,12 @@
 // for it to exit. It exits 0 only if every step succeeded.
 //
 //	go run ./example/run
+//
+// With -upgrade it demonstrates a zero-downtime server replacement instead
+// (see upgrade): a client calls from several goroutines while the server is
+// replaced twice, and the run fails if any call failed.
+//
+//	go run ./example/run -upgrade
 package main
 
 import (
@@ -19,6 +25,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -63,8 +70,45 @@ func run(sigCtx context.Context, args []string, stdout, stderr io.Writer) error 
 		race        = fs.Bool("race", false, "build the server and client with the race detector")
 		readyWait   = fs.Duration("ready-timeout", 30*time.Second, "how long to wait for the server to be ready")
 		stopWait    = fs.Duration("stop-timeout", 15*time.Second, "how long to wait for the server to exit after SIGTERM")
+		upgradeMode = fs.Bool("upgrade", false, "instead: replace the server under load (-replacements times, -phase apart) and count failed calls")
+		repl        = fs.Int("replacements", 2, "upgrade: how many times the server is replaced")
+		phaseLen    = fs.Duration("phase", time.Second, "upgrade: how long each phase of the replacement lasts")
+		zeroConfig  = fs.Bool("zero-config", false, "upgrade: no socket path on either side (kshm's per-host directory, under a temporary TMPDIR)")
 	)
 	if err := fs.Parse(args); err != nil {
+		return err
+	}
+
+	var shared []string
+	if *wake != "" {
+		shared = append(shared, "-wake", *wake)
+	}
+	if *regionSize > 0 {
+		shared = append(shared, "-region-size", fmt.Sprint(*regionSize))
+	}
+	if *maxMessage > 0 {
+		shared = append(shared, "-max-message", fmt.Sprint(*maxMessage))
+	}
+
+	if *upgradeMode {
+		cfg := upgradeConfig{race: *race, concurrency: 8, size: 16 << 10, phase: *phaseLen, replacements: *repl,
+			readyWait: *readyWait, stopWait: *stopWait, shared: shared, zeroConfig: *zeroConfig}
+		fs.Visit(func(f *flag.Flag) {
+			if f.Name == "concurrency" {
+				cfg.concurrency = *concurrency
+			}
+		})
+		if *sizes != "" {
+			n, err := strconv.Atoi(strings.Split(*sizes, ",")[0])
+			if err != nil || n < 0 {
+				return fmt.Errorf("-sizes %q: want a payload size in bytes", *sizes)
+			}
+			cfg.size = n
+		}
+		if cfg.concurrency < 1 || cfg.replacements < 1 || cfg.phase <= 0 {
+			return fmt.Errorf("-upgrade: -concurrency %d, -replacements %d, -phase %v: want each above 0", cfg.concurrency, cfg.replacements, cfg.phase)
+		}
+		_, err := upgrade(sigCtx, cfg, stdout, stderr)
 		return err
 	}
 
@@ -83,17 +127,6 @@ func run(sigCtx context.Context, args []string, stdout, stderr io.Writer) error 
 	build.Stdout, build.Stderr = stderr, stderr
 	if err := build.Run(); err != nil {
 		return fmt.Errorf("go build: %w", err)
-	}
-
-	var shared []string
-	if *wake != "" {
-		shared = append(shared, "-wake", *wake)
-	}
-	if *regionSize > 0 {
-		shared = append(shared, "-region-size", fmt.Sprint(*regionSize))
-	}
-	if *maxMessage > 0 {
-		shared = append(shared, "-max-message", fmt.Sprint(*maxMessage))
 	}
 
 	socketPath := filepath.Join(dir, "kshm.sock")

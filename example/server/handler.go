@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"os"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -17,7 +18,9 @@ type echoHandler struct {
 }
 
 // Echo returns the request's payload, message and seq, and in Meta every
-// metainfo value (transient and persistent) that came with the call.
+// metainfo value (transient and persistent) that came with the call; when
+// the call carries the transient value whoKey, Meta[pidKey] is the server's
+// process id (which server answered, during an upgrade).
 func (h *echoHandler) Echo(ctx context.Context, req *echo.EchoRequest) (*echo.EchoResponse, error) {
 	return reply(ctx, req), nil
 }
@@ -51,6 +54,14 @@ func (h *echoHandler) Notify(ctx context.Context, req *echo.EchoRequest) error {
 	return nil
 }
 
+// The metainfo key that asks for the server's pid, and the Meta key of it.
+const (
+	whoKey = "kshm-example-who"
+	pidKey = "kshm-example-pid"
+)
+
+var pid = strconv.Itoa(os.Getpid())
+
 func reply(ctx context.Context, req *echo.EchoRequest) *echo.EchoResponse {
 	resp := &echo.EchoResponse{
 		Payload: req.Payload,
@@ -66,6 +77,9 @@ func reply(ctx context.Context, req *echo.EchoRequest) *echo.EchoResponse {
 		}
 		for k, v := range persistent {
 			resp.Meta[k] = v
+		}
+		if _, ok := transient[whoKey]; ok {
+			resp.Meta[pidKey] = pid
 		}
 	}
 	return resp

@@ -7,10 +7,14 @@ import (
 	"github.com/shmkit/kshm/shm"
 )
 
-// Options returns the kshm options for a socket path and, where set (non-zero
-// or non-empty), a region size, a maximum message size and a wake mode name.
+// Options returns the kshm options for, where set (non-zero or non-empty), a
+// socket path (empty: kshm's zero-config path), a region size, a maximum
+// message size and a wake mode name.
 func Options(socketPath string, regionSize, maxMessage int, wake string) ([]kshm.Option, error) {
-	opts := []kshm.Option{kshm.WithSocketPath(socketPath)}
+	var opts []kshm.Option
+	if socketPath != "" {
+		opts = append(opts, kshm.WithSocketPath(socketPath))
+	}
 	if regionSize > 0 {
 		opts = append(opts, kshm.WithRegionSize(regionSize))
 	}
