@@ -25,8 +25,9 @@ type callRecord struct {
 
 // recorder is a client middleware keeping the last call's record per seq.
 type recorder struct {
-	mu   sync.Mutex
-	last map[int64]callRecord
+	mu      sync.Mutex
+	last    map[int64]callRecord
+	generic string // the transport of the last call seen by mw2
 }
 
 func newRecorder() *recorder { return &recorder{last: map[int64]callRecord{}} }
@@ -47,6 +48,24 @@ func (r *recorder) mw(next endpoint.Endpoint) endpoint.Endpoint {
 		}
 		return err
 	}
+}
+
+// mw2 records the transport of any call (generic calls have no seq).
+func (r *recorder) mw2(next endpoint.Endpoint) endpoint.Endpoint {
+	return func(ctx context.Context, req, resp any) error {
+		err := next(ctx, req, resp)
+		tr, _ := rpcinfo.GetRPCInfo(ctx).To().Tag(transport.TagTransport)
+		r.mu.Lock()
+		r.generic = tr
+		r.mu.Unlock()
+		return err
+	}
+}
+
+func (r *recorder) lastGeneric() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.generic
 }
 
 func (r *recorder) get(seq int64) callRecord {
