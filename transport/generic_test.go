@@ -50,7 +50,7 @@ func TestGeneric_JSONMapBinaryOverShm(t *testing.T) {
 	rec := newRecorder()
 	jc := newGenericClient(t, jg, rec, opts...)
 	for i := int64(0); i < 5; i++ {
-		pl := base64.StdEncoding.EncodeToString(payload(20000, i)) // printable
+		pl := base64.StdEncoding.EncodeToString(payload(20000, i))                         // printable
 		req, _ := json.Marshal(map[string]any{"payload": pl, "message": "json", "seq": i}) // the single argument
 		out, err := jc.GenericCall(ctx, "Echo", string(req))
 		if err != nil {
