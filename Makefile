@@ -3,7 +3,7 @@
 
 GO ?= go
 
-.PHONY: all build test example bench bench-quick gen fuzz vet soak clean
+.PHONY: all build test test-registry example bench bench-quick gen fuzz vet soak clean
 
 all: build
 
@@ -17,6 +17,12 @@ test: vet
 	$(GO) test -race -count=1 -timeout 30m ./...
 	cd benchmark && $(GO) test -race -count=1 -timeout 10m ./...
 	cd prometheus && $(GO) test -race -count=1 -timeout 5m ./...
+
+# kshm with a real registry: embedded etcd, one kshm and one plain instance
+# (its own module, so that etcd stays out of kshm's go.mod; building etcd
+# under -race takes a few minutes the first time).
+test-registry:
+	cd registrytest && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 10m ./...
 
 vet:
 	$(GO) vet ./...
