@@ -70,7 +70,55 @@ func NewClientPool(cfg Config, path string, fallback remote.ConnPool) *ClientPoo
 	for i := range p.slots {
 		p.slots[i] = &slot{}
 	}
+	if cfg.MaxIdleTimeout > 0 {
+		p.wg.Add(1)
+		go p.reapIdle()
+	}
 	return p
+}
+
+// reapIdle closes virtual connections idle for MaxIdleTimeout (Kitex's
+// long-pool setting): each tick, the connections at the bottom of a
+// session's idle stack that were there, in the same order, at the previous
+// tick (calls take and return connections at the top). A connection is
+// closed after one to two MaxIdleTimeout of idleness.
+func (p *ClientPool) reapIdle() {
+	defer p.wg.Done()
+	t := time.NewTicker(p.cfg.MaxIdleTimeout)
+	defer t.Stop()
+	prev := map[*clientSession][]*clientConn{}
+	for {
+		select {
+		case <-p.done:
+			return
+		case <-t.C:
+		}
+		p.mu.Lock()
+		sessions := make([]*clientSession, 0, len(p.sessions))
+		for cs := range p.sessions {
+			sessions = append(sessions, cs)
+		}
+		p.mu.Unlock()
+		next := make(map[*clientSession][]*clientConn, len(sessions))
+		for _, cs := range sessions {
+			cs.mu.Lock()
+			old := prev[cs]
+			k := 0
+			for k < len(old) && k < len(cs.idle) && cs.idle[k] == old[k] {
+				k++
+			}
+			stale := append([]*clientConn(nil), cs.idle[:k]...)
+			n := copy(cs.idle, cs.idle[k:])
+			clear(cs.idle[n:])
+			cs.idle = cs.idle[:n]
+			next[cs] = append([]*clientConn(nil), cs.idle...)
+			cs.mu.Unlock()
+			for _, c := range stale {
+				c.Close()
+			}
+		}
+		prev = next
+	}
 }
 
 // SocketPath is the path the pool dials.
