@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net"
-	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -140,7 +139,7 @@ var errNoFallback = errors.New("kshm: no session and no fallback pool")
 
 // conn returns a virtual connection over a session whose server serves
 // target (any session when target is nil), or nil.
-func (p *ClientPool) conn(ctx context.Context, target *netip.AddrPort) *clientConn {
+func (p *ClientPool) conn(ctx context.Context, target *target) *clientConn {
 	if cs := p.session(ctx, target); cs != nil {
 		return cs.getConn()
 	}
@@ -150,7 +149,7 @@ func (p *ClientPool) conn(ctx context.Context, target *netip.AddrPort) *clientCo
 // session returns a usable session (whose server serves target, unless
 // target is nil): the next slot's in round robin (dialing it if it was
 // never tried), else any usable one.
-func (p *ClientPool) session(ctx context.Context, target *netip.AddrPort) *clientSession {
+func (p *ClientPool) session(ctx context.Context, target *target) *clientSession {
 	n := uint32(len(p.slots))
 	start := p.next.Add(1)
 	sl := p.slots[start%n]
@@ -169,7 +168,7 @@ func (p *ClientPool) session(ctx context.Context, target *netip.AddrPort) *clien
 }
 
 // usable returns the slot's session if it takes calls for target.
-func (sl *slot) usable(target *netip.AddrPort) *clientSession {
+func (sl *slot) usable(target *target) *clientSession {
 	sl.mu.Lock()
 	cs, ann := sl.cur, sl.ann
 	sl.mu.Unlock()
@@ -185,7 +184,7 @@ func (sl *slot) usable(target *netip.AddrPort) *clientSession {
 // shorter than creating and mapping two regions may take on a loaded
 // machine; a failed dial only means fallback). Later attempts happen in the
 // background.
-func (p *ClientPool) firstDial(ctx context.Context, sl *slot, target *netip.AddrPort) *clientSession {
+func (p *ClientPool) firstDial(ctx context.Context, sl *slot, target *target) *clientSession {
 	sl.mu.Lock()
 	defer sl.mu.Unlock()
 	if sl.cur != nil && sl.cur.usable() && (target == nil || sl.ann.serves(*target)) {

@@ -218,3 +218,25 @@ func TestRoute_StaleSocketReplaced(t *testing.T) {
 	}
 	a2.stop(t)
 }
+
+// A server whose usual address is a unix socket: a client given that
+// address and the kshm socket reaches it over shared memory.
+func TestRoute_UnixServiceAddress(t *testing.T) {
+	dir := t.TempDir()
+	svcAddr := dir + "/svc.sock"
+	srv := startServer(t, dir+"/k.sock", envUnixAddr+"="+svcAddr)
+	if srv.addr != svcAddr {
+		t.Fatalf("server address %q", srv.addr)
+	}
+	rec := newRecorder()
+	c := newEchoClient(t, shmOpt(srv.sock), client.WithHostPorts(svcAddr), client.WithMiddleware(rec.mw))
+	for i := int64(0); i < 10; i++ {
+		if pid := echoFrom(t, c, 2000, i); pid != srv.p.Cmd.Process.Pid {
+			t.Fatalf("answered by %d", pid)
+		}
+		if r := rec.get(i); r.transport != transport.TransportShm {
+			t.Fatalf("call %d to %s over %q", i, r.addr, r.transport)
+		}
+	}
+	srv.stop(t)
+}
