@@ -3,7 +3,7 @@
 
 GO ?= go
 
-.PHONY: all build test test-registry example bench bench-quick gen fuzz vet soak clean
+.PHONY: all build test example bench bench-quick gen fuzz vet soak clean
 
 all: build
 
