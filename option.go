@@ -223,9 +223,9 @@ func WithServerShmIPC(opts ...Option) server.Option {
 // "fallback". All Kitex clients of the process reaching the same server
 // with the same settings share its sessions.
 //
-// Kitex's long-pool settings (client.WithLongConnection) bound the idle
-// virtual connections per session (MaxIdlePerAddress) unless
-// WithMaxIdleConns is given; client.WithWarmingUp establishes sessions;
+// Kitex's long-pool settings (client.WithLongConnection) govern the idle
+// virtual connections: MaxIdlePerAddress (split over the sessions) unless
+// WithMaxIdleConns is given, and MaxIdleTimeout; client.WithWarmingUp establishes sessions;
 // Dump and the connection reporter reach the fallback pool. A mux or custom
 // trans handler serves the fallback calls. gRPC (unary over HTTP/2) is
 // refused at NewClient: kshm could not carry those calls.

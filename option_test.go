@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -193,6 +194,8 @@ func TestWithServerShmIPC_ZeroConfigPublishes(t *testing.T) {
 	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
 		t.Fatalf("directory %s: %v %v", dir, fi.Mode(), err)
 	}
+	port := strings.TrimSuffix(strings.TrimPrefix(filepath.Base(sock), "127.0.0.1-"), ".sock")
+	waitServing(t, "127.0.0.1:"+port)
 	svr.Stop()
 	if err := <-errc; err != nil {
 		t.Fatal(err)
@@ -212,9 +215,15 @@ func (a *tcpAddr) String() string  { return a.s }
 func TestWithServerShmIPC_SocketPathTakenOver(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "s.sock")
+	var addr string
 	run := func() (server.Server, chan error) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr = ln.Addr().String()
 		svr := echoservice.NewServer(&nopEcho{},
-			server.WithServiceAddr(&tcpAddr{"127.0.0.1:0"}),
+			server.WithListener(ln),
 			kshm.WithServerShmIPC(kshm.WithSocketPath(sock)),
 			server.WithExitWaitTime(100*time.Millisecond),
 		)
@@ -233,11 +242,13 @@ func TestWithServerShmIPC_SocketPathTakenOver(t *testing.T) {
 
 	svr1, errc1 := run()
 	waitSocket(t, sock)
+	waitServing(t, addr)
 	fi1, err := os.Stat(sock)
 	if err != nil {
 		t.Fatal(err)
 	}
 	svr2, errc2 := run()
+	waitServing(t, addr)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		fi2, err := os.Stat(sock)
@@ -265,6 +276,26 @@ func TestWithServerShmIPC_SocketPathTakenOver(t *testing.T) {
 	}
 	if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("socket file left after Stop: %v", err)
+	}
+}
+
+// waitServing waits until a plain Kitex call to addr succeeds: the server
+// is past its start (Kitex's netpoll server must not be stopped before).
+func waitServing(t *testing.T, addr string) {
+	t.Helper()
+	c, err := echoservice.NewClient("svc", client.WithHostPorts(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := c.Echo(context.Background(), &echo.EchoRequest{}); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server at %s never answered", addr)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

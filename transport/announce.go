@@ -33,7 +33,8 @@ var ErrNoAnnounce = errors.New("kshm: the server did not announce its addresses"
 // announce is what a server tells each client at the start of a session.
 type announce struct {
 	Version int      `json:"v"`
-	Addrs   []string `json:"addrs"` // normalized host:port the server serves
+	Addrs   []string `json:"addrs"`          // normalized host:port the server serves
+	Unix    string   `json:"unix,omitempty"` // the server's service address when it is a unix socket
 	BootID  string   `json:"boot"`
 	NetNS   uint64   `json:"netns"`
 	PID     int      `json:"pid"`
@@ -63,7 +64,18 @@ var localHost = sync.OnceValue(func() hostID {
 // newAnnounce describes a server listening on addr (its service address).
 func newAnnounce(addr net.Addr) *announce {
 	h := localHost()
-	return &announce{Version: 1, Addrs: servedAddrs(addr), BootID: h.BootID, NetNS: h.NetNS, PID: os.Getpid()}
+	a := &announce{Version: 1, Addrs: servedAddrs(addr), BootID: h.BootID, NetNS: h.NetNS, PID: os.Getpid()}
+	if addr != nil && addr.Network() == "unix" {
+		a.Unix = addr.String()
+	}
+	return a
+}
+
+// target is a call's picked address as routing compares it: an IP address
+// and port, or a unix socket path.
+type target struct {
+	ap   netip.AddrPort
+	unix string
 }
 
 // servedAddrs lists the addresses a listener on addr answers: the address
@@ -149,20 +161,19 @@ func normAddr(address string) (netip.AddrPort, bool) {
 }
 
 // serves reports whether the server behind the announcement is the instance
-// at address (normalized): it announced the address, and it runs on this
-// host; a loopback address also needs the same network namespace.
-func (a *announce) serves(ap netip.AddrPort) bool {
-	if a == nil {
+// at t: it announced the address, and it runs on this host; a loopback
+// address also needs the same network namespace.
+func (a *announce) serves(t target) bool {
+	if a == nil || a.BootID != localHost().BootID {
 		return false
 	}
-	if _, ok := a.set[ap.String()]; !ok {
+	if t.unix != "" {
+		return a.Unix == t.unix
+	}
+	if _, ok := a.set[t.ap.String()]; !ok {
 		return false
 	}
-	h := localHost()
-	if a.BootID != h.BootID {
-		return false
-	}
-	if ap.Addr().IsLoopback() && a.NetNS != h.NetNS {
+	if t.ap.Addr().IsLoopback() && a.NetNS != localHost().NetNS {
 		return false
 	}
 	return true

@@ -43,6 +43,7 @@ const (
 	envAddr     = "KSHM_T_ADDR"     // TCP listen address (default 127.0.0.1:0)
 	envReuse    = "KSHM_T_REUSE"    // "1": listen with SO_REUSEPORT (a replacement server)
 	envMaxSess  = "KSHM_T_MAXSESS"  // kshm.WithServerLimits sessions
+	envUnixAddr = "KSHM_T_UNIXADDR" // the service address is this unix socket (instead of TCP)
 )
 
 const serviceName = "kshm-test"
@@ -235,6 +236,9 @@ func runServer() int {
 // listenTCP listens on KSHM_T_ADDR (127.0.0.1:0 by default), with
 // SO_REUSEPORT when KSHM_T_REUSE is 1.
 func listenTCP() (net.Listener, error) {
+	if path := os.Getenv(envUnixAddr); path != "" {
+		return net.Listen("unix", path)
+	}
 	addr := os.Getenv(envAddr)
 	if addr == "" {
 		addr = "127.0.0.1:0"

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net"
-	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -70,7 +69,55 @@ func NewClientPool(cfg Config, path string, fallback remote.ConnPool) *ClientPoo
 	for i := range p.slots {
 		p.slots[i] = &slot{}
 	}
+	if cfg.MaxIdleTimeout > 0 {
+		p.wg.Add(1)
+		go p.reapIdle()
+	}
 	return p
+}
+
+// reapIdle closes virtual connections idle for MaxIdleTimeout (Kitex's
+// long-pool setting): each tick, the connections at the bottom of a
+// session's idle stack that were there, in the same order, at the previous
+// tick (calls take and return connections at the top). A connection is
+// closed after one to two MaxIdleTimeout of idleness.
+func (p *ClientPool) reapIdle() {
+	defer p.wg.Done()
+	t := time.NewTicker(p.cfg.MaxIdleTimeout)
+	defer t.Stop()
+	prev := map[*clientSession][]*clientConn{}
+	for {
+		select {
+		case <-p.done:
+			return
+		case <-t.C:
+		}
+		p.mu.Lock()
+		sessions := make([]*clientSession, 0, len(p.sessions))
+		for cs := range p.sessions {
+			sessions = append(sessions, cs)
+		}
+		p.mu.Unlock()
+		next := make(map[*clientSession][]*clientConn, len(sessions))
+		for _, cs := range sessions {
+			cs.mu.Lock()
+			old := prev[cs]
+			k := 0
+			for k < len(old) && k < len(cs.idle) && cs.idle[k] == old[k] {
+				k++
+			}
+			stale := append([]*clientConn(nil), cs.idle[:k]...)
+			n := copy(cs.idle, cs.idle[k:])
+			clear(cs.idle[n:])
+			cs.idle = cs.idle[:n]
+			next[cs] = append([]*clientConn(nil), cs.idle...)
+			cs.mu.Unlock()
+			for _, c := range stale {
+				c.Close()
+			}
+		}
+		prev = next
+	}
 }
 
 // SocketPath is the path the pool dials.
@@ -92,7 +139,7 @@ var errNoFallback = errors.New("kshm: no session and no fallback pool")
 
 // conn returns a virtual connection over a session whose server serves
 // target (any session when target is nil), or nil.
-func (p *ClientPool) conn(ctx context.Context, target *netip.AddrPort) *clientConn {
+func (p *ClientPool) conn(ctx context.Context, target *target) *clientConn {
 	if cs := p.session(ctx, target); cs != nil {
 		return cs.getConn()
 	}
@@ -102,7 +149,7 @@ func (p *ClientPool) conn(ctx context.Context, target *netip.AddrPort) *clientCo
 // session returns a usable session (whose server serves target, unless
 // target is nil): the next slot's in round robin (dialing it if it was
 // never tried), else any usable one.
-func (p *ClientPool) session(ctx context.Context, target *netip.AddrPort) *clientSession {
+func (p *ClientPool) session(ctx context.Context, target *target) *clientSession {
 	n := uint32(len(p.slots))
 	start := p.next.Add(1)
 	sl := p.slots[start%n]
@@ -121,7 +168,7 @@ func (p *ClientPool) session(ctx context.Context, target *netip.AddrPort) *clien
 }
 
 // usable returns the slot's session if it takes calls for target.
-func (sl *slot) usable(target *netip.AddrPort) *clientSession {
+func (sl *slot) usable(target *target) *clientSession {
 	sl.mu.Lock()
 	cs, ann := sl.cur, sl.ann
 	sl.mu.Unlock()
@@ -137,7 +184,7 @@ func (sl *slot) usable(target *netip.AddrPort) *clientSession {
 // shorter than creating and mapping two regions may take on a loaded
 // machine; a failed dial only means fallback). Later attempts happen in the
 // background.
-func (p *ClientPool) firstDial(ctx context.Context, sl *slot, target *netip.AddrPort) *clientSession {
+func (p *ClientPool) firstDial(ctx context.Context, sl *slot, target *target) *clientSession {
 	sl.mu.Lock()
 	defer sl.mu.Unlock()
 	if sl.cur != nil && sl.cur.usable() && (target == nil || sl.ann.serves(*target)) {

@@ -16,8 +16,8 @@ import (
 
 // Kitex options keep their meaning beside kshm: a mux client's fallback
 // calls use the mux handler and pool, client.WithWarmingUp establishes the
-// session before the first call, and Kitex's MaxIdlePerAddress bounds the
-// idle virtual connections.
+// session before the first call, and Kitex's MaxIdlePerAddress and
+// MaxIdleTimeout govern the idle virtual connections.
 func TestOptions_KitexOptionsKeepMeaning(t *testing.T) {
 	a := startServer(t, sockPath(t))
 	b := startServer(t, "", envNoShm+"=1") // plain Kitex
@@ -77,6 +77,34 @@ func TestOptions_KitexOptionsKeepMeaning(t *testing.T) {
 	}
 	if got := kshm.ReadStats().Client.Conns - before; got > 1 {
 		t.Fatalf("%d idle virtual connections kept, MaxIdlePerAddress is 1", got)
+	}
+
+	// MaxIdleTimeout closes idle virtual connections.
+	it := newEchoClient(t, shmOpt(a.sock), client.WithHostPorts(a.addr),
+		client.WithLongConnection(connpool.IdleConfig{MaxIdlePerAddress: 8, MaxIdleGlobal: 10, MaxIdleTimeout: 200 * time.Millisecond}))
+	before = kshm.ReadStats().Client.Conns
+	for g := 0; g < 4; g++ {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for i := 0; i < 10; i++ {
+				if _, err := it.Echo(t.Context(), &echo.EchoRequest{Payload: []byte("x")}); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	for g := 0; g < 4; g++ {
+		<-done
+	}
+	if kshm.ReadStats().Client.Conns <= before {
+		t.Fatal("no idle virtual connection kept after the calls")
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for kshm.ReadStats().Client.Conns > before {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d idle virtual connections still open after MaxIdleTimeout", kshm.ReadStats().Client.Conns-before)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 
 	a.stop(t)

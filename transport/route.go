@@ -120,21 +120,31 @@ func setTag(ri rpcinfo.RPCInfo, tag string) {
 // at address, or nil.
 func (p *RoutePool) shmConn(ctx context.Context, network, address string) *clientConn {
 	if network == "unix" {
-		if address == "" || (address != p.unixPath && address != p.explicit) {
+		if address == "" {
 			return nil
 		}
-		cp := p.pool(address)
-		if cp == nil {
+		if address == p.unixPath || address == p.explicit {
+			// The socket itself is the target.
+			if cp := p.pool(address); cp != nil {
+				return cp.conn(ctx, nil)
+			}
 			return nil
 		}
-		return cp.conn(ctx, nil)
+		// A server whose service address is this unix socket.
+		if p.explicit != "" {
+			if cp := p.pool(p.explicit); cp != nil {
+				return cp.conn(ctx, &target{unix: address})
+			}
+		}
+		return nil
 	}
 	r := p.route(address)
 	if r == nil || !r.ok {
 		return nil
 	}
+	t := target{ap: r.ap}
 	for _, cp := range r.pools {
-		if c := cp.conn(ctx, &r.ap); c != nil {
+		if c := cp.conn(ctx, &t); c != nil {
 			return c
 		}
 	}

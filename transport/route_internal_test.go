@@ -35,19 +35,19 @@ func TestAnnounce_Serves(t *testing.T) {
 		"example.com:4321": false,
 	} {
 		ap, ok := normAddr(addr)
-		if got := ok && b.serves(ap); got != want {
+		if got := ok && b.serves(target{ap: ap}); got != want {
 			t.Errorf("serves(%s) = %v, want %v", addr, got, want)
 		}
 	}
 	// Another host (boot id) or, for loopback, another network namespace.
 	other := *b
 	other.BootID = "x"
-	if other.serves(netip.MustParseAddrPort("127.0.0.1:4321")) {
+	if other.serves(target{ap: netip.MustParseAddrPort("127.0.0.1:4321")}) {
 		t.Error("an announcement from another host serves loopback")
 	}
 	other = *b
 	other.NetNS++
-	if other.serves(netip.MustParseAddrPort("127.0.0.1:4321")) {
+	if other.serves(target{ap: netip.MustParseAddrPort("127.0.0.1:4321")}) {
 		t.Error("an announcement from another network namespace serves loopback")
 	}
 	if _, err := parseAnnounce([]byte("{")); err == nil {

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/cloudwego/kitex/client"
 	"github.com/cloudwego/kitex/client/callopt"
@@ -25,8 +26,9 @@ type callRecord struct {
 
 // recorder is a client middleware keeping the last call's record per seq.
 type recorder struct {
-	mu   sync.Mutex
-	last map[int64]callRecord
+	mu      sync.Mutex
+	last    map[int64]callRecord
+	generic string // the transport of the last call seen by mw2
 }
 
 func newRecorder() *recorder { return &recorder{last: map[int64]callRecord{}} }
@@ -49,10 +51,45 @@ func (r *recorder) mw(next endpoint.Endpoint) endpoint.Endpoint {
 	}
 }
 
+// mw2 records the transport of any call (generic calls have no seq).
+func (r *recorder) mw2(next endpoint.Endpoint) endpoint.Endpoint {
+	return func(ctx context.Context, req, resp any) error {
+		err := next(ctx, req, resp)
+		tr, _ := rpcinfo.GetRPCInfo(ctx).To().Tag(transport.TagTransport)
+		r.mu.Lock()
+		r.generic = tr
+		r.mu.Unlock()
+		return err
+	}
+}
+
+func (r *recorder) lastGeneric() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.generic
+}
+
 func (r *recorder) get(seq int64) callRecord {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.last[seq]
+}
+
+// waitServed waits until the server counted exactly n calls served over
+// shared memory (its counter follows the response by a moment).
+func waitServed(t *testing.T, s *testServer, n uint64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := s.stats(t).Server.CallsServed
+		if got == n {
+			return
+		}
+		if got > n || time.Now().After(deadline) {
+			t.Fatalf("server served %d calls over shared memory, want %d", got, n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // echoFrom calls Echo with a payload of n bytes and checks the response
@@ -126,9 +163,7 @@ func TestRoute_PickedInstanceAnswers(t *testing.T) {
 	if toA == 0 || toB == 0 {
 		t.Fatalf("the load balancer sent %d calls to A and %d to B", toA, toB)
 	}
-	if st := a.stats(t); st.CallsServed < uint64(10+toA) {
-		t.Fatalf("A served %d calls over shared memory, want at least %d", st.CallsServed, 10+toA)
-	}
+	waitServed(t, a, uint64(10+toA))
 	if st := b.stats(t); st.CallsServed != 0 {
 		t.Fatalf("B served %d calls over shared memory, want 0", st.CallsServed)
 	}
@@ -167,12 +202,8 @@ func TestRoute_ZeroConfigTwoServers(t *testing.T) {
 	if toA == 0 || toB == 0 {
 		t.Fatalf("the load balancer sent %d calls to A and %d to B", toA, toB)
 	}
-	if st := a.stats(t); st.CallsServed != uint64(toA) {
-		t.Fatalf("A served %d calls over shared memory, want %d", st.CallsServed, toA)
-	}
-	if st := b.stats(t); st.CallsServed != uint64(toB) {
-		t.Fatalf("B served %d calls over shared memory, want %d", st.CallsServed, toB)
-	}
+	waitServed(t, a, uint64(toA))
+	waitServed(t, b, uint64(toB))
 	waitClientNoBuffers(t)
 	a.stop(t)
 	b.stop(t)
@@ -198,4 +229,26 @@ func TestRoute_StaleSocketReplaced(t *testing.T) {
 		}
 	}
 	a2.stop(t)
+}
+
+// A server whose usual address is a unix socket: a client given that
+// address and the kshm socket reaches it over shared memory.
+func TestRoute_UnixServiceAddress(t *testing.T) {
+	dir := t.TempDir()
+	svcAddr := dir + "/svc.sock"
+	srv := startServer(t, dir+"/k.sock", envUnixAddr+"="+svcAddr)
+	if srv.addr != svcAddr {
+		t.Fatalf("server address %q", srv.addr)
+	}
+	rec := newRecorder()
+	c := newEchoClient(t, shmOpt(srv.sock), client.WithHostPorts(svcAddr), client.WithMiddleware(rec.mw))
+	for i := int64(0); i < 10; i++ {
+		if pid := echoFrom(t, c, 2000, i); pid != srv.p.Cmd.Process.Pid {
+			t.Fatalf("answered by %d", pid)
+		}
+		if r := rec.get(i); r.transport != transport.TransportShm {
+			t.Fatalf("call %d to %s over %q", i, r.addr, r.transport)
+		}
+	}
+	srv.stop(t)
 }

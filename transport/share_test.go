@@ -15,6 +15,7 @@ import (
 func TestShare_ClientsShareSessions(t *testing.T) {
 	a := startServer(t, sockPath(t))
 	pid := a.p.Cmd.Process.Pid
+	pools0, sessions0 := transport.SharedPools(), kshm.ReadStats().Client.Sessions // other tests' clients
 	rec := newRecorder()
 	c1 := newEchoClient(t, shmOpt(a.sock), client.WithHostPorts(a.addr), client.WithMiddleware(rec.mw))
 	c2 := newEchoClient(t, shmOpt(a.sock), client.WithHostPorts(a.addr), client.WithMiddleware(rec.mw))
@@ -44,9 +45,10 @@ func TestShare_ClientsShareSessions(t *testing.T) {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for kshm.ReadStats().Client.Sessions != 0 || transport.SharedPools() != 0 {
+	for kshm.ReadStats().Client.Sessions != sessions0 || transport.SharedPools() != pools0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("after closing both clients: %d client sessions, %d shared pools", kshm.ReadStats().Client.Sessions, transport.SharedPools())
+			t.Fatalf("after closing both clients: %d client sessions, %d shared pools, want %d and %d as before",
+				kshm.ReadStats().Client.Sessions, transport.SharedPools(), sessions0, pools0)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
