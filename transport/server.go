@@ -127,9 +127,15 @@ func (ts *TransServer) CreateListener(addr net.Addr) (net.Listener, error) {
 // named for the service, for clients that have no address). Whatever socket
 // was there is replaced atomically: a server still running on it keeps its
 // sessions until it stops (see the upgrade procedure in the README).
+// errStopped: the server was stopped before it started serving.
+var errStopped = errors.New("kshm: server stopped before it served")
+
 func (ts *TransServer) listenUnix(addr net.Addr) error {
 	ts.mu.Lock()
 	defer ts.mu.Unlock()
+	if ts.shuttingDown.Load() {
+		return errStopped
+	}
 	if ts.ln != nil {
 		return nil
 	}
@@ -176,6 +182,11 @@ func (ts *TransServer) BootstrapServer(ln net.Listener) error {
 		addr = ln.Addr()
 	}
 	if err := ts.listenUnix(addr); err != nil { // a listener given by server.WithListener skips CreateListener
+		if errors.Is(err, errStopped) {
+			// Stop ran before Kitex started serving: start nothing, or
+			// the netpoll server would serve (and Run block) after it.
+			return nil
+		}
 		return err
 	}
 	ts.mu.Lock()
@@ -185,6 +196,9 @@ func (ts *TransServer) BootstrapServer(ln net.Listener) error {
 	ts.wg.Add(2)
 	go ts.acceptLoop(uln)
 	go ts.watchSocket()
+	if ts.shuttingDown.Load() {
+		return nil
+	}
 	return ts.inner.BootstrapServer(ln)
 }
 
