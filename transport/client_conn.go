@@ -640,6 +640,7 @@ func (cs *clientSession) goAway() {
 	for _, c := range idle {
 		c.Close()
 	}
+	cs.pool.cleanFallbacks()
 	if ack {
 		cs.sendGoAwayAck()
 	}

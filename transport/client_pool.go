@@ -35,8 +35,9 @@ type ClientPool struct {
 	slots []*slot
 	next  atomic.Uint32 // round robin over slots
 
-	mu       sync.Mutex // guards sessions, closed
+	mu       sync.Mutex // guards sessions, users, closed
 	sessions map[*clientSession]struct{}
+	users    map[*RoutePool]struct{} // Kitex clients sharing this pool
 	closed   bool
 	done     chan struct{}   // closed by Close
 	ctx      context.Context // canceled by Close: bounds background dials
@@ -62,6 +63,7 @@ func NewClientPool(cfg Config, path string, fallback remote.ConnPool) *ClientPoo
 		path:     path,
 		fallback: fallback,
 		sessions: make(map[*clientSession]struct{}),
+		users:    make(map[*RoutePool]struct{}),
 		done:     make(chan struct{}),
 	}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
@@ -245,6 +247,41 @@ func (p *ClientPool) dial(ctx context.Context, sl *slot) (*clientSession, *annou
 }
 
 var errPoolClosed = errors.New("kshm: connection pool closed")
+
+// addUser and removeUser track the Kitex clients (RoutePools) sharing this
+// pool, whose fallback connections a go-away must clean.
+func (p *ClientPool) addUser(rp *RoutePool) {
+	p.mu.Lock()
+	p.users[rp] = struct{}{}
+	p.mu.Unlock()
+}
+
+func (p *ClientPool) removeUser(rp *RoutePool) {
+	p.mu.Lock()
+	delete(p.users, rp)
+	p.mu.Unlock()
+}
+
+// cleanFallbacks drops the idle plain-Kitex connections that the pool's
+// users keep to its socket path. It runs when the server behind the path
+// sends a go-away, before the acknowledgement: that server closes its plain
+// connections once every session has acknowledged, and a call must not
+// pick a pooled connection to it after that. New fallback connections dial
+// the path again, which by then leads to the server that replaced it.
+func (p *ClientPool) cleanFallbacks() {
+	p.mu.Lock()
+	users := make([]*RoutePool, 0, len(p.users))
+	for rp := range p.users {
+		users = append(users, rp)
+	}
+	p.mu.Unlock()
+	for _, rp := range users {
+		rp.Clean("unix", p.path)
+	}
+	if lp, ok := p.fallback.(remote.LongConnPool); ok {
+		lp.Clean("unix", p.path)
+	}
+}
 
 // lost is called when a session dies or is told to go away: its slot gets
 // a new session in the background.

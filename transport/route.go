@@ -202,6 +202,7 @@ func (p *RoutePool) pool(path string) *ClientPool {
 	cp := p.pools[path]
 	if cp == nil {
 		cp = acquirePool(p.cfg, path)
+		cp.addUser(p)
 		p.pools[path] = cp
 	}
 	return cp
@@ -328,6 +329,7 @@ func (p *RoutePool) Close() error {
 	p.routes = nil
 	p.mu.Unlock()
 	for _, cp := range pools {
+		cp.removeUser(p)
 		releasePool(cp)
 	}
 	return p.fallback.Close()
