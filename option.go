@@ -52,10 +52,19 @@ func WithSocketPath(path string) Option {
 	return Option{"WithSocketPath", func(c *transport.Config) { c.SocketPath = path }}
 }
 
-// WithRegionSize sets the size of the shared-memory region each side of a
-// session creates (default 64 MiB; shm.MinRegionSize to shm.MaxRegionSize).
+// WithRegionSize sets the most shared memory each side of a session commits
+// (default 64 MiB; shm.MinRegionSize to shm.MaxRegionSize). A session starts
+// with a 4 MiB region and grows in steps up to this when messages need room,
+// releasing grown regions once idle; see WithInitialRegionSize.
 func WithRegionSize(bytes int) Option {
 	return Option{"WithRegionSize", func(c *transport.Config) { c.Shm.RegionSize = bytes }}
+}
+
+// WithInitialRegionSize sets the size of the region a session starts with
+// (default 4 MiB, at most WithRegionSize). Equal to WithRegionSize, regions
+// never grow: the whole size is committed at once, as before growth existed.
+func WithInitialRegionSize(bytes int) Option {
+	return Option{"WithInitialRegionSize", func(c *transport.Config) { c.Shm.InitialRegionSize = bytes }}
 }
 
 // WithMaxMessageSize sets the largest message carried in shared memory
@@ -262,6 +271,10 @@ type Stats struct {
 	// InlineResponses): arena full, buffer quota reached, message larger
 	// than the maximum message size.
 	InlineNoMemory, InlineQuota, InlineTooLarge uint64
+	// Of InlineNoMemory, those for which the regions could not grow: our
+	// WithRegionSize reached, the peer's limit reached, no memory for a
+	// region. Engine has the bytes committed and mapped.
+	InlineGrowLimit, InlineGrowPeerLimit, InlineGrowNoMemory uint64
 
 	Engine shm.Stats // the engine's counters
 }
@@ -275,6 +288,10 @@ func ReadStats() Stats {
 		InlineNoMemory:  r.NoMemory,
 		InlineQuota:     r.Quota,
 		InlineTooLarge:  r.TooLarge,
+
+		InlineGrowLimit:     r.GrowLimit,
+		InlineGrowPeerLimit: r.GrowPeerLimit,
+		InlineGrowNoMemory:  r.GrowNoMemory,
 		Sessions:        e.Sessions,
 		Calls:           t.CallsSent + t.CallsServed,
 		Fallbacks:       t.FallbackCalls + t.InlineRequests + t.InlineResponses,

@@ -30,6 +30,10 @@ func TestMain(m *testing.M) {
 		os.Exit(childHolderClient())
 	case "stress-client":
 		os.Exit(childStressClient())
+	case "grow-client":
+		os.Exit(childGrowClient())
+	case "grow-server":
+		os.Exit(childGrowServer())
 	default:
 		fmt.Fprintln(os.Stderr, "unknown child role", shmtest.Role())
 		os.Exit(2)
@@ -50,10 +54,13 @@ func childConfig() Config {
 // allocWait allocates, waiting for the peer to release when memory or quota
 // runs out.
 func allocWait(s *Session, n int) (Buffer, error) {
-	for d := time.Microsecond; ; {
+	for d, i := time.Microsecond, 0; ; i++ {
 		b, err := s.Alloc(n)
 		if !errors.Is(err, ErrNoMemory) && !errors.Is(err, ErrQuota) {
 			return b, err
+		}
+		if i == 5000 {
+			fmt.Fprintln(os.Stderr, "DEBUG allocWait", n, err, s.Stats(), s.Regions())
 		}
 		time.Sleep(d)
 		if d < time.Millisecond {

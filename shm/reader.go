@@ -1,6 +1,7 @@
 package shm
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cloudwego/kitex/pkg/klog"
+	"golang.org/x/sys/unix"
 )
 
 // wakeSlack is how many wake-ups beyond our sleeps a peer may send before
@@ -25,6 +27,8 @@ func (s *Session) reader() {
 	passes := 0
 	next := time.Now().Add(housekeepEvery)
 	var fl floodCheck
+	rx := &fdReader{conn: s.conn, oob: make([]byte, unix.CmsgSpace(4*MaxRegions))}
+	defer rx.closeAll()
 	for {
 		if now := time.Now(); !now.Before(next) {
 			passes++
@@ -33,12 +37,12 @@ func (s *Session) reader() {
 			next = now.Add(housekeepEvery)
 		}
 		s.conn.SetReadDeadline(next)
-		got, err := readFull(s.conn, hdr[:])
+		got, err := rx.readFull(hdr[:])
 		if err != nil && got > 0 && got < frameHeaderSize && isTimeout(err) {
 			// Never lose a frame's alignment to the housekeeping deadline.
 			s.conn.SetReadDeadline(deadlineAfter(frameBodyTimeout))
 			var k int
-			k, err = readFull(s.conn, hdr[got:])
+			k, err = rx.readFull(hdr[got:])
 			got += k
 		}
 		if err != nil {
@@ -53,19 +57,46 @@ func (s *Session) reader() {
 			s.fail(err)
 			return
 		}
-		if !s.handleFrame(fh, &fl) {
+		if err := rx.err; err != nil {
+			s.fail(err)
+			return
+		}
+		if !s.handleFrame(fh, &fl, rx) {
 			return
 		}
 	}
 }
 
 // handleFrame handles one frame; false ends the reader.
-func (s *Session) handleFrame(fh frameHeader, fl *floodCheck) bool {
+func (s *Session) handleFrame(fh frameHeader, fl *floodCheck, rx *fdReader) bool {
 	if !s.life.beginOp() {
 		return false
 	}
 	defer s.life.endOp()
 	switch fh.Type {
+	case frameGrow, frameGrowAck, frameShrink:
+		body := make([]byte, fh.Len)
+		s.conn.SetReadDeadline(deadlineAfter(frameBodyTimeout))
+		if _, err := readFull(s.conn, body); err != nil {
+			s.closeWith(fmt.Errorf("%w: frame body: %v", ErrPeerClosed, err), false)
+			return false
+		}
+		var err error
+		switch fh.Type {
+		case frameGrow:
+			err = s.peerGrow(body, rx.take())
+		case frameGrowAck:
+			err = s.growAcked(binary.LittleEndian.Uint32(body))
+		case frameShrink:
+			err = s.peerShrink(binary.LittleEndian.Uint32(body))
+		}
+		if err == nil && fh.Type != frameGrow && binary.LittleEndian.Uint32(body[4:]) != 0 {
+			err = fmt.Errorf("%w: frame type %d reserved bytes", ErrCorrupt, fh.Type)
+		}
+		if err != nil {
+			s.fail(err)
+			return false
+		}
 	case frameWake:
 		if err := fl.wake(uint32(atomic.LoadUint64(&s.localHdr.State) >> 32)); err != nil {
 			s.fail(err)
@@ -166,6 +197,78 @@ func (f *floodCheck) wake(sleeps uint32) error {
 
 func (f *floodCheck) decay() { f.excess /= 2 }
 
+// fdReader reads the socket keeping the descriptors that come with the
+// bytes (a frameGrow's memfd), for the frame that claims them. It belongs to
+// the reader goroutine.
+type fdReader struct {
+	conn *net.UnixConn
+	oob  []byte
+	fds  []int // received, not yet claimed, in order
+	err  error // descriptors arrived that no frame can claim
+}
+
+// readFull reads exactly len(b) bytes, keeping descriptors.
+func (r *fdReader) readFull(b []byte) (int, error) {
+	n := 0
+	for n < len(b) {
+		k, oobn, flags, _, err := r.conn.ReadMsgUnix(b[n:], r.oob)
+		n += max(k, 0) // -1 with some errors
+		if oobn > 0 {
+			r.keep(r.oob[:oobn])
+		}
+		if flags&unix.MSG_CTRUNC != 0 && r.err == nil {
+			r.err = fmt.Errorf("%w: %w: descriptors truncated", ErrCorrupt, ErrRegionLimit)
+		}
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+func (r *fdReader) keep(oob []byte) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		if r.err == nil {
+			r.err = fmt.Errorf("%w: control message: %v", ErrCorrupt, err)
+		}
+		return
+	}
+	for _, m := range msgs {
+		fds, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			if len(r.fds) >= MaxRegions {
+				unix.Close(fd)
+				if r.err == nil {
+					r.err = fmt.Errorf("%w: %w: more than %d descriptors unclaimed", ErrCorrupt, ErrRegionLimit, MaxRegions)
+				}
+				continue
+			}
+			r.fds = append(r.fds, fd)
+		}
+	}
+}
+
+// take returns the oldest unclaimed descriptor, or -1.
+func (r *fdReader) take() int {
+	if len(r.fds) == 0 {
+		return -1
+	}
+	fd := r.fds[0]
+	r.fds = r.fds[1:]
+	return fd
+}
+
+func (r *fdReader) closeAll() {
+	for _, fd := range r.fds {
+		unix.Close(fd)
+	}
+	r.fds = nil
+}
+
 // deadlineAfter is time.Now().Add(d), for the frame-body deadlines.
 func deadlineAfter(d time.Duration) time.Time { return time.Now().Add(d) }
 
@@ -197,6 +300,8 @@ func (s *Session) housekeep(now time.Time, scan bool) {
 	}
 	defer s.life.endOp()
 	atomic.StoreInt64(&s.localHdr.Heartbeat, now.UnixNano())
+	s.shrinkIdle(now.UnixNano())
+	s.flushCtrl() // frames a full socket held back
 	s.publishCounters()
 	if !scan || s.cfg.LeakThreshold <= 0 {
 		return
