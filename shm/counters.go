@@ -22,7 +22,7 @@ type allocCounters struct {
 
 // growCounters are guarded by allocMu.
 type growCounters struct {
-	grows, shrinks       uint64 // regions added (acknowledged by the peer) and released
+	grows, shrinks      uint64 // regions added (acknowledged by the peer) and released
 	limit, peer, memory uint64 // allocations refused because the regions could not grow, by reason
 }
 

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"sync/atomic"
 	"time"
 
@@ -154,6 +155,17 @@ func (s *Session) planGrowLocked(n uint64) (g *growth, index uint32, size uint64
 	if !s.cfg.grows() {
 		return nil, 0, 0, false, ErrNoMemory
 	}
+	g, index, size, err = s.planStepLocked(n)
+	if err != nil && s.releaseUnusedLocked(math.MaxInt64, 0) {
+		// Regions with nothing in use made way: a larger one may fit now.
+		g, index, size, err = s.planStepLocked(n)
+	}
+	return g, index, size, err == nil, err
+}
+
+// planStepLocked plans one growth step for n bytes, or says why none fits.
+// allocMu held.
+func (s *Session) planStepLocked(n uint64) (g *growth, index uint32, size uint64, err error) {
 	for i := uint32(1); i < MaxRegions; i++ {
 		if s.locals[i] == nil {
 			index = i
@@ -161,7 +173,7 @@ func (s *Session) planGrowLocked(n uint64) (g *growth, index uint32, size uint64
 		}
 	}
 	if index == 0 {
-		return nil, 0, 0, false, errGrowLimit
+		return nil, 0, 0, errGrowLimit
 	}
 	need := nextPow2(max(n, MinBlockSize))
 	ours := uint64(s.cfg.RegionSize)
@@ -176,16 +188,16 @@ func (s *Session) planGrowLocked(n uint64) (g *growth, index uint32, size uint64
 	}
 	if arena < need {
 		if s.peerCap < ours && ours >= s.committed+headerSize+need {
-			return nil, 0, 0, false, errGrowPeer
+			return nil, 0, 0, errGrowPeer
 		}
-		return nil, 0, 0, false, errGrowLimit
+		return nil, 0, 0, errGrowLimit
 	}
 	g = &growth{done: make(chan struct{}), deadline: time.Now().Add(s.cfg.HandshakeTimeout)}
 	s.grow = g
 	size = headerSize + arena
-	s.committed += size // reserved now, so that a concurrent step counts it
+	s.committed += size                                      // reserved now, so that a concurrent step counts it
 	s.locals[index] = &localRegion{index: index, size: size} // reserved: no region yet
-	return g, index, size, true, nil
+	return g, index, size, nil
 }
 
 // startGrow makes grown region index of size bytes and announces it. The
@@ -265,16 +277,23 @@ func (s *Session) growAcked(index uint32) error {
 // shrinkIdle releases our grown regions that have had no buffer in use for
 // ShrinkAfter. Housekeeping, inside an operation.
 func (s *Session) shrinkIdle(now int64) {
-	after := int64(s.cfg.shrinkAfter())
 	s.allocMu.Lock()
-	if s.grow != nil {
-		s.allocMu.Unlock()
-		return
+	if s.grow == nil {
+		s.releaseUnusedLocked(now, int64(s.cfg.shrinkAfter()))
 	}
-	var frames []ctrlFrame
+	s.allocMu.Unlock()
+	s.flushCtrl()
+}
+
+// releaseUnusedLocked releases our grown regions with no buffer in use
+// since at least minIdle before now, queueing a shrink frame for each (the
+// caller flushes them after unlocking). It reports whether it released any.
+// allocMu held, no growth step in progress, inside an operation or hold.
+func (s *Session) releaseUnusedLocked(now, minIdle int64) bool {
+	released := false
 	for i := uint32(1); i < MaxRegions; i++ {
 		lr := s.locals[i]
-		if lr == nil || !lr.active || lr.inUse != 0 || lr.idle == 0 || now-lr.idle < after {
+		if lr == nil || !lr.active || lr.inUse != 0 || lr.idle == 0 || now-lr.idle < minIdle {
 			continue
 		}
 		// No buffer of it is local or held by the peer: nobody has a
@@ -287,32 +306,38 @@ func (s *Session) shrinkIdle(now int64) {
 		f := make([]byte, frameHeaderSize+regionFrameSize)
 		putFrameHeader(f, frameShrink, regionFrameSize)
 		binary.LittleEndian.PutUint32(f[frameHeaderSize:], i)
-		frames = append(frames, ctrlFrame{b: f, fd: -1})
+		// Queued under allocMu: a later growth step reusing the index
+		// queues its grow frame after this one.
+		s.enqueueCtrl(ctrlFrame{b: f, fd: -1})
+		released = true
 	}
-	s.allocMu.Unlock()
-	for _, f := range frames {
-		s.queueCtrl(f)
-	}
+	return released
 }
 
-// queueCtrl queues a control frame and writes what it can now.
+// queueCtrl queues a control frame and writes what it can now. Not with
+// allocMu held (use enqueueCtrl, then flushCtrl after unlocking).
 func (s *Session) queueCtrl(f ctrlFrame) {
+	s.enqueueCtrl(f)
+	s.flushCtrl()
+}
+
+// enqueueCtrl queues a control frame without writing it.
+func (s *Session) enqueueCtrl(f ctrlFrame) {
 	s.ctrlMu.Lock()
 	s.ctrlQ = append(s.ctrlQ, f)
 	s.ctrlPending.Store(true)
 	s.ctrlMu.Unlock()
-	s.flushCtrl()
 }
 
-// flushCtrl writes queued control frames if the writer lock is free now
-// (its holder writes them when it lets go otherwise).
+// flushCtrl writes queued control frames, and any pending wake-up, if the
+// writer lock is free now (its holder writes them when it lets go
+// otherwise). A full socket is retried: by later writers, the growing
+// Alloc's polls and housekeeping.
 func (s *Session) flushCtrl() {
-	for s.ctrlPending.Load() && s.wmu.TryLock() {
-		s.flushCtrlLocked()
+	s.ctrlStuck.Store(false)
+	for s.writesPending() && s.wmu.TryLock() {
+		s.flushWakeLocked() // a wake-up marked while we hold wmu is ours to write
 		s.wmu.Unlock()
-		if s.ctrlStuck.Load() {
-			return // the socket is full; retried by the next writer or pass
-		}
 	}
 }
 
@@ -322,6 +347,13 @@ func (s *Session) flushCtrlLocked() {
 	if !s.ctrlPending.Load() {
 		return
 	}
+	if err := s.writeCtrlLocked(); err != nil {
+		s.fail(err) // outside ctrlMu: closing takes allocMu, which may be held while queueing
+	}
+}
+
+// writeCtrlLocked writes what it can of the queue. wmu held.
+func (s *Session) writeCtrlLocked() error {
 	s.ctrlMu.Lock()
 	defer s.ctrlMu.Unlock()
 	s.ctrlStuck.Store(false)
@@ -334,18 +366,18 @@ func (s *Session) flushCtrlLocked() {
 		n, err := s.sendNonblocking(f.b, oob)
 		if n <= 0 && errors.Is(err, unix.EAGAIN) {
 			s.ctrlStuck.Store(true)
-			return
+			return nil
 		}
 		if err != nil || n != len(f.b) {
 			s.ctrlQ = nil
 			s.ctrlPending.Store(false)
-			s.fail(fmt.Errorf("%w: control frame write: %d of %d bytes, %v", ErrPeerClosed, n, len(f.b), err))
-			return
+			return fmt.Errorf("%w: control frame write: %d of %d bytes, %v", ErrPeerClosed, n, len(f.b), err)
 		}
 		s.ctrlQ[0] = ctrlFrame{}
 		s.ctrlQ = s.ctrlQ[1:]
 	}
 	s.ctrlPending.Store(false)
+	return nil
 }
 
 // peerGrow handles the peer's frameGrow: it validates and maps the region

@@ -54,13 +54,10 @@ func childConfig() Config {
 // allocWait allocates, waiting for the peer to release when memory or quota
 // runs out.
 func allocWait(s *Session, n int) (Buffer, error) {
-	for d, i := time.Microsecond, 0; ; i++ {
+	for d := time.Microsecond; ; {
 		b, err := s.Alloc(n)
 		if !errors.Is(err, ErrNoMemory) && !errors.Is(err, ErrQuota) {
 			return b, err
-		}
-		if i == 5000 {
-			fmt.Fprintln(os.Stderr, "DEBUG allocWait", n, err, s.Stats(), s.Regions())
 		}
 		time.Sleep(d)
 		if d < time.Millisecond {

@@ -64,6 +64,7 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 			s.allocCounts.failed++
 			s.countGrowFailLocked(err)
 			s.allocMu.Unlock()
+			s.flushCtrl() // shrink frames of regions released to make way
 			s.life.dropHolds(1)
 			return Buffer{}, err
 		}
