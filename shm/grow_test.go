@@ -167,9 +167,11 @@ func TestGrow_FallbackCountedByReason(t *testing.T) {
 		if f := cli.Stats().GrowFallbacks; f.PeerLimit != 1 {
 			t.Fatalf("fallbacks %+v", f)
 		}
-		if _, err := cli.Alloc(1 << 20); err != nil { // the base region still serves
+		b, err := cli.Alloc(1 << 20) // the base region still serves
+		if err != nil {
 			t.Fatal(err)
 		}
+		cli.Free(b)
 	})
 	t.Run("fixed size", func(t *testing.T) {
 		cfg := growConfig()

@@ -264,7 +264,7 @@ func TestPeerLimit_RegionAboveOurCapRefused(t *testing.T) {
 	}
 	// And on the client side.
 	big := cfg
-	big.RegionSize = 8 << 20
+	big.RegionSize, big.InitialRegionSize = 8<<20, 8<<20 // a base region of 8 MiB
 	path2 := filepath.Join(t.TempDir(), "s2")
 	ln2, err := Listen(path2, big)
 	if err != nil {
