@@ -27,7 +27,7 @@ func (s *Session) reader() {
 	passes := 0
 	next := time.Now().Add(housekeepEvery)
 	var fl floodCheck
-	rx := &fdReader{conn: s.conn, oob: make([]byte, unix.CmsgSpace(4*MaxRegions))}
+	rx := &fdReader{conn: s.conn, oob: make([]byte, unix.CmsgSpace(4*MaxRegions)), buf: make([]byte, readAhead)}
 	defer rx.closeAll()
 	for {
 		if now := time.Now(); !now.Before(next) {
@@ -77,7 +77,7 @@ func (s *Session) handleFrame(fh frameHeader, fl *floodCheck, rx *fdReader) bool
 	case frameGrow, frameGrowAck, frameShrink:
 		body := make([]byte, fh.Len)
 		s.conn.SetReadDeadline(deadlineAfter(frameBodyTimeout))
-		if _, err := readFull(s.conn, body); err != nil {
+		if _, err := rx.readFull(body); err != nil {
 			s.closeWith(fmt.Errorf("%w: frame body: %v", ErrPeerClosed, err), false)
 			return false
 		}
@@ -106,7 +106,7 @@ func (s *Session) handleFrame(fh frameHeader, fl *floodCheck, rx *fdReader) bool
 	case frameClose:
 		reason := make([]byte, fh.Len)
 		s.conn.SetReadDeadline(deadlineAfter(frameBodyTimeout))
-		readFull(s.conn, reason)
+		rx.readFull(reason)
 		s.closeWith(fmt.Errorf("%w: %s", ErrPeerClosed, sanitize(reason)), false)
 		return false
 	case frameInline:
@@ -121,7 +121,7 @@ func (s *Session) handleFrame(fh frameHeader, fl *floodCheck, rx *fdReader) bool
 		}
 		buf := make([]byte, fh.Len)
 		s.conn.SetReadDeadline(deadlineAfter(frameBodyTimeout))
-		if _, err := readFull(s.conn, buf); err != nil {
+		if _, err := rx.readFull(buf); err != nil {
 			s.inlineBytes.Add(-int64(fh.Len))
 			s.closeWith(fmt.Errorf("%w: inline frame body: %v", ErrPeerClosed, err), false)
 			return false
@@ -197,33 +197,59 @@ func (f *floodCheck) wake(sleeps uint32) error {
 
 func (f *floodCheck) decay() { f.excess /= 2 }
 
-// fdReader reads the socket keeping the descriptors that come with the
-// bytes (a frameGrow's memfd), for the frame that claims them. It belongs to
-// the reader goroutine.
+// fdReader reads the socket ahead, in a buffer (many frames per system
+// call), keeping the descriptors that come with the bytes (a frameGrow's
+// memfd) in order, for the frame that claims them: a descriptor arrives no
+// later than its frame's first byte. It belongs to the reader goroutine.
 type fdReader struct {
 	conn *net.UnixConn
 	oob  []byte
+	buf  []byte // read ahead: buf[r:w] not yet consumed
+	r, w int
 	fds  []int // received, not yet claimed, in order
 	err  error // descriptors arrived that no frame can claim
 }
 
-// readFull reads exactly len(b) bytes, keeping descriptors.
+const readAhead = 64 << 10
+
+// readFull reads exactly len(b) bytes, keeping descriptors. On error it
+// returns how many bytes it read.
 func (r *fdReader) readFull(b []byte) (int, error) {
-	n := 0
+	n := r.take0(b)
 	for n < len(b) {
-		k, oobn, flags, _, err := r.conn.ReadMsgUnix(b[n:], r.oob)
-		n += max(k, 0) // -1 with some errors
+		// A large remainder goes straight into b; a small one through the
+		// buffer.
+		direct := len(b)-n >= len(r.buf)
+		dst := r.buf
+		if direct {
+			dst = b[n:]
+		}
+		k, oobn, flags, _, err := r.conn.ReadMsgUnix(dst, r.oob)
+		k = max(k, 0) // -1 with some errors
 		if oobn > 0 {
 			r.keep(r.oob[:oobn])
 		}
 		if flags&unix.MSG_CTRUNC != 0 && r.err == nil {
 			r.err = fmt.Errorf("%w: %w: descriptors truncated", ErrCorrupt, ErrRegionLimit)
 		}
-		if err != nil {
+		if direct {
+			n += k
+		} else {
+			r.r, r.w = 0, k
+			n += r.take0(b[n:])
+		}
+		if err != nil && n < len(b) {
 			return n, err
 		}
 	}
 	return n, nil
+}
+
+// take0 copies buffered bytes into b.
+func (r *fdReader) take0(b []byte) int {
+	k := copy(b, r.buf[r.r:r.w])
+	r.r += k
+	return k
 }
 
 func (r *fdReader) keep(oob []byte) {
