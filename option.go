@@ -66,14 +66,22 @@ func WithSocketPath(path string) Option {
 	return Option{"WithSocketPath", bothSides, func(c *transport.Config) { c.SocketPath = path }}
 }
 
-// WithRegionSize sets the size of the shared-memory region each side of a
-// session creates (default 64 MiB; shm.MinRegionSize to shm.MaxRegionSize).
-// Any size in that range works alone: unless WithMaxMessageSize is given,
-// the largest message in shared memory follows the region (see
-// WithMaxMessageSize), and larger ones go over the session socket (counted
-// in Stats.InlineTooLarge).
+// WithRegionSize sets the most shared memory each side of a session commits
+// (default 64 MiB; shm.MinRegionSize to shm.MaxRegionSize). A session starts
+// with a 4 MiB region and grows in steps up to this when messages need room,
+// releasing grown regions once idle; see WithInitialRegionSize. Any size in
+// that range works alone: unless WithMaxMessageSize is given, the largest
+// message in shared memory follows the region (see WithMaxMessageSize), and
+// larger ones go over the session socket (counted in Stats.InlineTooLarge).
 func WithRegionSize(bytes int) Option {
 	return Option{"WithRegionSize", bothSides, func(c *transport.Config) { c.Shm.RegionSize = bytes }}
+}
+
+// WithInitialRegionSize sets the size of the region a session starts with
+// (default 4 MiB, at most WithRegionSize). Equal to WithRegionSize, regions
+// never grow: the whole size is committed at once, as before growth existed.
+func WithInitialRegionSize(bytes int) Option {
+	return Option{"WithInitialRegionSize", bothSides, func(c *transport.Config) { c.Shm.InitialRegionSize = bytes }}
 }
 
 // WithMaxMessageSize sets the largest message carried in shared memory
@@ -336,6 +344,10 @@ type Stats struct {
 	// InlineResponses): arena full, buffer quota reached, message larger
 	// than the maximum message size.
 	InlineNoMemory, InlineQuota, InlineTooLarge uint64
+	// Of InlineNoMemory, those for which the regions could not grow: our
+	// WithRegionSize reached, the peer's limit reached, no memory for a
+	// region. Engine has the bytes committed and mapped.
+	InlineGrowLimit, InlineGrowPeerLimit, InlineGrowNoMemory uint64
 
 	// Client and Server separate the two sides of this process.
 	Client ClientStats
@@ -375,26 +387,29 @@ func ReadStats() Stats {
 	t := transport.ReadCounters()
 	r := codec.ReadFallbackReasons()
 	return Stats{
-		InlineNoMemory:  r.NoMemory,
-		InlineQuota:     r.Quota,
-		InlineTooLarge:  r.TooLarge,
-		Sessions:        e.Sessions,
-		Calls:           t.CallsSent + t.CallsServed,
-		Fallbacks:       t.FallbackCalls + t.InlineRequests + t.InlineResponses,
-		InUseBuffers:    e.InUseBuffers,
-		InUseBytes:      e.InUseBytes,
-		CallsSent:       t.CallsSent,
-		CallsServed:     t.CallsServed,
-		FallbackCalls:   t.FallbackCalls,
-		InlineRequests:  t.InlineRequests,
-		InlineResponses: t.InlineResponses,
-		LateResponses:   t.LateResponses,
-		SessionsDialed:  t.SessionsDialed,
-		SessionsServed:  t.SessionsAccepted,
-		SessionsLost:    t.SessionsLost,
-		PlainConns:      t.PlainConns,
-		ClientConns:     t.ClientConns,
-		ServerConns:     t.ServerConns,
+		InlineNoMemory:      r.NoMemory,
+		InlineQuota:         r.Quota,
+		InlineTooLarge:      r.TooLarge,
+		InlineGrowLimit:     r.GrowLimit,
+		InlineGrowPeerLimit: r.GrowPeerLimit,
+		InlineGrowNoMemory:  r.GrowNoMemory,
+		Sessions:            e.Sessions,
+		Calls:               t.CallsSent + t.CallsServed,
+		Fallbacks:           t.FallbackCalls + t.InlineRequests + t.InlineResponses,
+		InUseBuffers:        e.InUseBuffers,
+		InUseBytes:          e.InUseBytes,
+		CallsSent:           t.CallsSent,
+		CallsServed:         t.CallsServed,
+		FallbackCalls:       t.FallbackCalls,
+		InlineRequests:      t.InlineRequests,
+		InlineResponses:     t.InlineResponses,
+		LateResponses:       t.LateResponses,
+		SessionsDialed:      t.SessionsDialed,
+		SessionsServed:      t.SessionsAccepted,
+		SessionsLost:        t.SessionsLost,
+		PlainConns:          t.PlainConns,
+		ClientConns:         t.ClientConns,
+		ServerConns:         t.ServerConns,
 		Client: ClientStats{
 			Sessions:       t.ClientSessions,
 			SessionsDialed: t.SessionsDialed,

@@ -33,7 +33,8 @@ var (
 
 // Why messages went over the session socket, process-wide.
 var fallbackReasons struct {
-	noMemory, quota, tooLarge atomic.Uint64
+	noMemory, quota, tooLarge         atomic.Uint64
+	growLimit, growPeer, growNoMemory atomic.Uint64
 }
 
 // FallbackReasons are the counts of messages sent over the session socket,
@@ -42,6 +43,10 @@ type FallbackReasons struct {
 	NoMemory uint64 // the arena had no free block large enough (shm.ErrNoMemory)
 	Quota    uint64 // the session had its maximum of buffers in flight (shm.ErrQuota)
 	TooLarge uint64 // the message exceeded the maximum message size (shm.ErrTooLarge)
+	// Of NoMemory, those for which the regions could not grow: at our
+	// maximum (shm.ErrGrowLimit), at the peer's (shm.ErrGrowPeerLimit), or
+	// no memory for a new region (shm.ErrInsufficientMemory).
+	GrowLimit, GrowPeerLimit, GrowNoMemory uint64
 }
 
 // ReadFallbackReasons returns the process-wide counts.
@@ -50,6 +55,10 @@ func ReadFallbackReasons() FallbackReasons {
 		NoMemory: fallbackReasons.noMemory.Load(),
 		Quota:    fallbackReasons.quota.Load(),
 		TooLarge: fallbackReasons.tooLarge.Load(),
+
+		GrowLimit:     fallbackReasons.growLimit.Load(),
+		GrowPeerLimit: fallbackReasons.growPeer.Load(),
+		GrowNoMemory:  fallbackReasons.growNoMemory.Load(),
 	}
 }
 
@@ -57,6 +66,14 @@ func countReason(err error) {
 	switch {
 	case errors.Is(err, shm.ErrNoMemory):
 		fallbackReasons.noMemory.Add(1)
+		switch {
+		case errors.Is(err, shm.ErrGrowLimit):
+			fallbackReasons.growLimit.Add(1)
+		case errors.Is(err, shm.ErrGrowPeerLimit):
+			fallbackReasons.growPeer.Add(1)
+		case errors.Is(err, shm.ErrInsufficientMemory):
+			fallbackReasons.growNoMemory.Add(1)
+		}
 	case errors.Is(err, shm.ErrQuota):
 		fallbackReasons.quota.Add(1)
 	case errors.Is(err, shm.ErrTooLarge):

@@ -159,3 +159,58 @@ func byteSize(n int) string {
 	}
 	return strconv.Itoa(n) + "B"
 }
+
+// BenchmarkSession_Grown compares large messages in regions that grew
+// (default 4 MiB start, 64 MiB maximum) with a fixed 64 MiB region, four
+// messages in flight. Growth happens before the timer starts.
+func BenchmarkSession_Grown(b *testing.B) {
+	for _, size := range []int{1 << 20, 4 << 20} {
+		for _, fixed := range []bool{true, false} {
+			name := byteSize(size) + "/grown"
+			if fixed {
+				name = byteSize(size) + "/fixed"
+			}
+			b.Run(name, func(b *testing.B) {
+				c := DefaultConfig()
+				c.WakeMode = WakePoll
+				c.RingEntries = 256
+				if fixed {
+					c.InitialRegionSize = c.RegionSize
+				}
+				cli, srv := pair(b, c, c)
+				ctx := context.Background()
+				payload := make([]byte, size)
+				const inFlight = 4
+				step := func(i int) {
+					buf, err := cli.Alloc(size)
+					if err != nil {
+						b.Fatal(err)
+					}
+					copy(buf.Bytes(), payload)
+					if err := cli.Send(ctx, uint64(i), 0, 0, buf); err != nil {
+						b.Fatal(err)
+					}
+					if i >= inFlight-1 {
+						m, err := srv.Recv(ctx)
+						if err != nil {
+							b.Fatal(err)
+						}
+						copy(payload, m.Segment(0))
+						srv.Release(&m)
+					}
+				}
+				for i := 0; i < 64; i++ { // warm up: the regions grow here
+					step(i)
+				}
+				b.SetBytes(int64(size))
+				b.ReportAllocs()
+				b.ResetTimer()
+				for i := 64; i < 64+b.N; i++ {
+					step(i)
+				}
+				b.StopTimer()
+				b.ReportMetric(float64(cli.Stats().CommittedBytes>>20), "MiB-committed")
+			})
+		}
+	}
+}

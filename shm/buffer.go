@@ -37,6 +37,7 @@ type Message struct {
 	inline bool
 	segs   [MaxSegments][]byte
 	tokens [MaxSegments]uint64 // release entries: slot<<32 | generation
+	regs   [MaxSegments]uint8  // the peer's region of each segment (0: base)
 }
 
 // NumSegments is the number of segments (buffers) of the message.

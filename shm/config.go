@@ -58,14 +58,30 @@ const (
 	defaultRegionSize  = 64 << 20
 	defaultMaxMessage  = 8 << 20 // a 4 MiB payload plus its Thrift and TTHeader bytes
 	defaultRingEntries = 4096
+	// MaxRegions bounds the regions of one side of a session: the base
+	// region and the grown ones.
+	MaxRegions           = 16
+	defaultInitialRegion = 4 << 20
+	defaultShrinkAfter   = 5 * time.Second
 )
 
 // Config is a session's configuration. Start from DefaultConfig and change
 // what you need; Validate reports the first bad setting by name.
 type Config struct {
-	// RegionSize is the size in bytes of the region this side creates:
-	// header, rings, buffer table and payload arena.
+	// RegionSize is the most bytes this side's regions hold together. A
+	// session starts with one region of InitialRegionSize bytes (header,
+	// rings, buffer table and payload arena) and, when a message needs more
+	// room, adds regions in steps up to RegionSize; grown regions idle for
+	// ShrinkAfter are released.
 	RegionSize int
+	// InitialRegionSize is the size of the region made at the handshake.
+	// 0 means min(RegionSize, 4 MiB), or RegionSize when the regions grown
+	// within RegionSize could not hold a MaxMessageSize message. Equal to
+	// RegionSize, the session never grows (a fixed-size region).
+	InitialRegionSize int
+	// ShrinkAfter is how long a grown region stays with no buffer in use
+	// before it is released. 0 means 5 seconds.
+	ShrinkAfter time.Duration
 	// MaxMessageSize is the largest buffer Alloc hands out, and the largest
 	// message accepted from the peer. The arena must hold at least one.
 	MaxMessageSize int
@@ -125,6 +141,7 @@ func DefaultConfig() Config {
 		HandshakeTimeout: 3 * time.Second,
 		SocketMode:       0o600,
 		LeakThreshold:    time.Minute,
+		ShrinkAfter:      defaultShrinkAfter,
 	}
 }
 
@@ -146,9 +163,21 @@ func (c *Config) Validate() error {
 	if c.MaxMessageSize < MinMaxMessageSize {
 		return bad("MaxMessageSize %d below minimum %d", c.MaxMessageSize, MinMaxMessageSize)
 	}
-	if arena := arenaCapacity(c.RegionSize, c.RingEntries, c.maxBuffers()); c.MaxMessageSize > arena {
-		return bad("MaxMessageSize %d larger than the arena (%d bytes) of RegionSize %d; raise RegionSize or lower MaxMessageSize",
-			c.MaxMessageSize, arena, c.RegionSize)
+	if c.InitialRegionSize != 0 && (c.InitialRegionSize < MinRegionSize || c.InitialRegionSize > c.RegionSize) {
+		return bad("InitialRegionSize %d out of range [%d, RegionSize=%d] (or 0 for the default)", c.InitialRegionSize, MinRegionSize, c.RegionSize)
+	}
+	init := c.initialRegion()
+	arena := arenaCapacity(init, c.RingEntries, c.maxBuffers())
+	if arena < MinMaxMessageSize {
+		return bad("InitialRegionSize %d leaves an arena of %d bytes (rings and buffer table of RingEntries %d take the rest); raise it",
+			init, arena, c.RingEntries)
+	}
+	if largest := max(uint64(arena), largestGrownArena(uint64(c.RegionSize-init))); uint64(c.MaxMessageSize) > largest {
+		return bad("MaxMessageSize %d larger than the largest arena (%d bytes) of RegionSize %d and InitialRegionSize %d; raise RegionSize or lower MaxMessageSize",
+			c.MaxMessageSize, largest, c.RegionSize, init)
+	}
+	if c.ShrinkAfter < 0 || c.ShrinkAfter > time.Hour {
+		return bad("ShrinkAfter %v out of range [0, 1h]", c.ShrinkAfter)
 	}
 	switch c.WakeMode {
 	case WakeNotify, WakePoll, WakeTimed:
@@ -191,6 +220,53 @@ func (c *Config) maxBuffers() int {
 		return c.RingEntries
 	}
 	return c.MaxBuffers
+}
+
+// initialRegion is the size of the base region (see InitialRegionSize).
+func (c *Config) initialRegion() int {
+	if c.InitialRegionSize != 0 {
+		return c.InitialRegionSize
+	}
+	init := min(c.RegionSize, defaultInitialRegion)
+	if init == c.RegionSize {
+		return init
+	}
+	arena := uint64(arenaCapacity(init, c.RingEntries, c.maxBuffers()))
+	if arena < MinMaxMessageSize {
+		return c.RegionSize
+	}
+	if uint64(c.MaxMessageSize) > arena && uint64(c.MaxMessageSize) > largestGrownArena(uint64(c.RegionSize-init)) {
+		return c.RegionSize
+	}
+	return init
+}
+
+// grows reports whether sessions of this configuration may add regions.
+func (c *Config) grows() bool { return c.initialRegion() < c.RegionSize }
+
+// shrinkAfter is ShrinkAfter or its default.
+func (c *Config) shrinkAfter() time.Duration {
+	if c.ShrinkAfter == 0 {
+		return defaultShrinkAfter
+	}
+	return c.ShrinkAfter
+}
+
+// largestGrownArena is the arena of the largest grown region that fits in
+// room bytes: a power of two after the header page.
+func largestGrownArena(room uint64) uint64 {
+	if room < headerSize+MinBlockSize {
+		return 0
+	}
+	return floorPow2(room - headerSize)
+}
+
+func floorPow2(x uint64) uint64 {
+	p := uint64(1)
+	for p <= x/2 {
+		p <<= 1
+	}
+	return p
 }
 
 // defaultMaxInline is the floor of the default MaxInlineSize.

@@ -109,7 +109,7 @@ func TestCorrupt_ReleaseOfUnheldBuffer(t *testing.T) {
 }
 
 func TestCorrupt_HeaderRejectedAtMap(t *testing.T) {
-	r, err := createRegion(2<<20, 64, 64, 64, 64<<10, roleClient, 0)
+	r, err := createRegion(2<<20, 64, 64, 64, 64<<10, 2<<20, roleClient, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,6 +122,8 @@ func TestCorrupt_HeaderRejectedAtMap(t *testing.T) {
 		"arena off": func(h *regionHeader) { h.ArenaOff += 4096 },
 		"max msg":   func(h *regionHeader) { h.MaxMessage = 1 << 40 },
 		"block":     func(h *regionHeader) { h.BlockSize = 64 },
+		"region":    func(h *regionHeader) { h.Region = 3 },
+		"max total": func(h *regionHeader) { h.MaxTotal = 1 << 20 },
 	}
 	for name, mut := range mutations {
 		t.Run(name, func(t *testing.T) {
@@ -151,7 +153,7 @@ func TestCorrupt_HeaderRejectedAtMap(t *testing.T) {
 func TestRegion_LargerThanMemoryFails(t *testing.T) {
 	// Ask for far more than the machine has: the check reads MemAvailable and
 	// the memory cgroup read-only, and nothing is reserved.
-	_, err := createRegion(1<<40, 64, 64, 64, 64<<10, roleClient, 0)
+	_, err := createRegion(1<<40, 64, 64, 64, 64<<10, 1<<40, roleClient, 0)
 	if !errors.Is(err, ErrInsufficientMemory) {
 		t.Fatalf("createRegion(1 TiB) = %v, want ErrInsufficientMemory", err)
 	}
@@ -167,7 +169,7 @@ func TestRegion_LargerThanMemoryFails(t *testing.T) {
 	}
 	defer ln.Close()
 	big := cfg
-	big.RegionSize = 1 << 40
+	big.RegionSize, big.InitialRegionSize = 1<<40, 1<<40 // a fixed-size region of 1 TiB
 	if _, err := Dial(context.Background(), path, big); !errors.Is(err, ErrInsufficientMemory) {
 		t.Fatalf("Dial with a 1 TiB region = %v", err)
 	}

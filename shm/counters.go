@@ -20,6 +20,12 @@ type allocCounters struct {
 	inUseBytes        int64
 }
 
+// growCounters are guarded by allocMu.
+type growCounters struct {
+	grows, shrinks      uint64 // regions added (acknowledged by the peer) and released
+	limit, peer, memory uint64 // allocations refused because the regions could not grow, by reason
+}
+
 // sendCounters are guarded by sendMu.
 type sendCounters struct {
 	msgs, bytes, bufs uint64
@@ -79,6 +85,11 @@ func addStats(t *Stats, st *SessionStats) {
 	t.WakeupsSaved += st.WakeupsSaved
 	t.InlineSent += st.InlineSent
 	t.InlineRecv += st.InlineRecv
+	t.Grows += st.Grows
+	t.Shrinks += st.Shrinks
+	t.GrowFallbacks.Limit += st.GrowFallbacks.Limit
+	t.GrowFallbacks.PeerLimit += st.GrowFallbacks.PeerLimit
+	t.GrowFallbacks.Memory += st.GrowFallbacks.Memory
 }
 
 // ReadStats returns the process-wide counters: the sum over live sessions,
@@ -95,6 +106,10 @@ func ReadStats() Stats {
 		addStats(&t, &st)
 		t.InUseBuffers += st.InUseBuffers
 		t.InUseBytes += st.InUseBytes
+		t.CommittedBytes += st.CommittedBytes
+		t.PeerMappedBytes += st.PeerMappedBytes
+		t.Regions += int64(st.Regions)
+		t.PeerRegions += int64(st.PeerRegions)
 	}
 	t.Sessions = int64(len(registry.live))
 	t.Corrupt = corruptSessions.Load()
@@ -107,8 +122,25 @@ func (s *Session) counts() SessionStats {
 	var st SessionStats
 	s.allocMu.Lock()
 	a := s.allocCounts
-	st.ArenaFree = s.buddy.freeLen
+	gc := s.growCounts
+	for _, lr := range s.locals {
+		if lr != nil && lr.r != nil {
+			st.ArenaFree += lr.buddy.freeLen
+			st.ArenaSize += lr.r.geo.arenaSize
+			st.CommittedBytes += lr.size
+			st.Regions++
+		}
+	}
 	s.allocMu.Unlock()
+	st.PeerMappedBytes = s.peerMapped.Load()
+	st.PeerRegions = 1
+	for i := 1; i < MaxRegions; i++ {
+		if p := s.peerRegs[i].Load(); p != nil && !p.unmapped.Load() {
+			st.PeerRegions++
+		}
+	}
+	st.Grows, st.Shrinks = gc.grows, gc.shrinks
+	st.GrowFallbacks = GrowFallbacks{Limit: gc.limit, PeerLimit: gc.peer, Memory: gc.memory}
 	s.sendMu.Lock()
 	sc := s.sendCounts
 	s.sendMu.Unlock()
@@ -125,7 +157,6 @@ func (s *Session) counts() SessionStats {
 	st.WakeupsSent = r.wakeupsSent.Load()
 	st.Sleeps = r.sleeps.Load()
 	st.InlineSent, st.InlineRecv = r.inlineSent.Load(), r.inlineRecv.Load()
-	st.ArenaSize = s.local.geo.arenaSize
 	if s.life.closed() {
 		// Every buffer of ours returned with the region.
 		st.InUseBuffers, st.InUseBytes, st.PeerHeld = 0, 0, 0
@@ -171,4 +202,13 @@ func (s *Session) publishCounters() {
 	put(&c.InlineRecv, st.InlineRecv)
 	put(&c.QuotaHits, st.QuotaHits)
 	put(&c.PeerHeld, uint64(st.PeerHeld))
+	g := &s.localHdr.Growth
+	put(&g.Committed, st.CommittedBytes)
+	put(&g.PeerMapped, st.PeerMappedBytes)
+	put(&g.Regions, uint64(st.Regions)<<32|uint64(st.PeerRegions))
+	put(&g.Grows, st.Grows)
+	put(&g.Shrinks, st.Shrinks)
+	put(&g.FallbackLimit, st.GrowFallbacks.Limit)
+	put(&g.FallbackPeer, st.GrowFallbacks.PeerLimit)
+	put(&g.FallbackMemory, st.GrowFallbacks.Memory)
 }

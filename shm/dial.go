@@ -49,9 +49,9 @@ func ClientSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	}
 	mine := hello{
 		MinVersion: protoMinVersion, MaxVersion: protoMaxVersion, WakeMode: uint8(cfg.WakeMode),
-		RegionSize: uint64(cfg.RegionSize), RingEntries: uint32(cfg.RingEntries),
+		RegionSize: uint64(cfg.initialRegion()), RingEntries: uint32(cfg.RingEntries),
 		SlotCount: uint32(cfg.maxBuffers()), MaxMessage: uint64(cfg.MaxMessageSize), PID: uint32(os.Getpid()),
-		MaxInline: cfg.maxInline(),
+		MaxInline: cfg.maxInline(), MaxTotal: uint64(cfg.RegionSize), PeerCap: cfg.maxPeerRegion(),
 	}
 	if _, err := conn.Write(append(preface[:], mine.encode()...)); err != nil {
 		return nil, fmt.Errorf("%w: send hello: %v", ErrHandshake, err)
@@ -91,8 +91,8 @@ func ClientSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		peer.unmap()
 		return nil, err
 	}
-	local, err := createRegion(uint64(cfg.RegionSize), uint64(cfg.RingEntries), nextPow2(uint64(srv.SlotCount)),
-		uint64(cfg.maxBuffers()), uint64(cfg.MaxMessageSize), roleClient, pid)
+	local, err := createRegion(uint64(cfg.initialRegion()), uint64(cfg.RingEntries), nextPow2(uint64(srv.SlotCount)),
+		uint64(cfg.maxBuffers()), uint64(cfg.MaxMessageSize), uint64(cfg.RegionSize), roleClient, pid)
 	if err != nil {
 		peer.unmap()
 		return nil, err
@@ -117,7 +117,7 @@ func ClientSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		return nil, fmt.Errorf("%w: expected ready frame, got % x", ErrHandshake, f)
 	}
 	conn.SetDeadline(time.Time{})
-	return newSession(cfg, conn, roleClient, local, peer, pid, uid, srv.MaxInline), nil
+	return newSession(cfg, conn, roleClient, local, peer, pid, uid, srv.MaxInline, srv.PeerCap), nil
 }
 
 const errNotAllowedReason = "peer uid not allowed"
@@ -177,8 +177,8 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	if m := WakeMode(cli.WakeMode); cfg.acceptsWakeMode(m) {
 		cfg.WakeMode = m
 	}
-	local, err := createRegion(uint64(cfg.RegionSize), uint64(cfg.RingEntries), nextPow2(uint64(cli.SlotCount)),
-		uint64(cfg.maxBuffers()), uint64(cfg.MaxMessageSize), roleServer, pid)
+	local, err := createRegion(uint64(cfg.initialRegion()), uint64(cfg.RingEntries), nextPow2(uint64(cli.SlotCount)),
+		uint64(cfg.maxBuffers()), uint64(cfg.MaxMessageSize), uint64(cfg.RegionSize), roleServer, pid)
 	if err != nil {
 		refuse := hello{Status: statusRefused, Reason: "server cannot create its region"}
 		conn.Write(refuse.encode())
@@ -188,9 +188,9 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	conn.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	mine := hello{
 		MinVersion: protoMinVersion, MaxVersion: protoMaxVersion, Version: v, WakeMode: uint8(cfg.WakeMode),
-		RegionSize: uint64(cfg.RegionSize), RingEntries: uint32(cfg.RingEntries),
+		RegionSize: uint64(cfg.initialRegion()), RingEntries: uint32(cfg.RingEntries),
 		SlotCount: uint32(cfg.maxBuffers()), MaxMessage: uint64(cfg.MaxMessageSize), PID: uint32(os.Getpid()),
-		MaxInline: cfg.maxInline(),
+		MaxInline: cfg.maxInline(), MaxTotal: uint64(cfg.RegionSize), PeerCap: cfg.maxPeerRegion(),
 	}
 	if _, _, err := conn.WriteMsgUnix(mine.encode(), unix.UnixRights(local.fd), nil); err != nil {
 		local.unmap()
@@ -203,7 +203,8 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 	}
 	ah, err := decodeHello(ack)
 	if err == nil && (ah.Status != statusOK || ah.Version != v || ah.RegionSize != cli.RegionSize ||
-		ah.RingEntries != cli.RingEntries || ah.SlotCount != cli.SlotCount || ah.MaxMessage != cli.MaxMessage) {
+		ah.RingEntries != cli.RingEntries || ah.SlotCount != cli.SlotCount || ah.MaxMessage != cli.MaxMessage ||
+		ah.MaxTotal != cli.MaxTotal || ah.PeerCap != cli.PeerCap) {
 		err = fmt.Errorf("%w: client's second hello disagrees with its first", ErrHandshake)
 	}
 	if err == nil && fd < 0 {
@@ -232,14 +233,14 @@ func ServerSession(conn *net.UnixConn, cfg Config) (*Session, error) {
 		return nil, fmt.Errorf("%w: send ready: %v", ErrHandshake, err)
 	}
 	conn.SetDeadline(time.Time{})
-	return newSession(cfg, conn, roleServer, local, peer, pid, uid, cli.MaxInline), nil
+	return newSession(cfg, conn, roleServer, local, peer, pid, uid, cli.MaxInline, cli.PeerCap), nil
 }
 
 // agrees checks that a mapped region matches what its owner announced.
 func agrees(r *region, h hello) error {
 	g := r.geo
 	if g.size != h.RegionSize || g.ringEntries != uint64(h.RingEntries) || g.slotCount != uint64(h.SlotCount) ||
-		g.maxMessage != h.MaxMessage {
+		g.maxMessage != h.MaxMessage || g.maxTotal != h.MaxTotal || g.index != 0 {
 		return fmt.Errorf("%w: peer's region (size %d, ring %d, slots %d, max %d) disagrees with its hello (%d, %d, %d, %d)",
 			ErrHandshake, g.size, g.ringEntries, g.slotCount, g.maxMessage, h.RegionSize, h.RingEntries, h.SlotCount, h.MaxMessage)
 	}

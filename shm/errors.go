@@ -29,6 +29,18 @@ var (
 	// ErrInsufficientMemory means a region could not be reserved because the
 	// machine or the memory cgroup does not have that much memory available.
 	ErrInsufficientMemory = errors.New("shm: not enough memory available for region")
+	// ErrGrowLimit means the regions could not grow for a message: they
+	// hold RegionSize bytes (or MaxRegions regions) already. It comes
+	// wrapped in ErrNoMemory.
+	ErrGrowLimit = errors.New("shm: regions at their configured maximum")
+	// ErrGrowPeerLimit means the regions could not grow for a message: the
+	// peer maps no more of ours (its MaxPeerRegionSize), or it did not
+	// acknowledge a new region in time. It comes wrapped in ErrNoMemory.
+	ErrGrowPeerLimit = errors.New("shm: regions at the peer's limit")
+	// ErrRegionLimit is recorded (with ErrCorrupt) when the peer announces
+	// more regions, or more bytes of them, than we map (MaxRegions,
+	// MaxPeerRegionSize). The session is closed.
+	ErrRegionLimit = errors.New("shm: peer's regions above our limits")
 	// ErrBadConfig wraps every configuration validation failure.
 	ErrBadConfig = errors.New("shm: invalid configuration")
 	// ErrBufferSent means a Buffer was already sent (or is being sent by a

@@ -13,6 +13,9 @@ const (
 	frameClose      = 2 // the peer is closing; payload: reason text
 	frameInline     = 3 // a message carried on the socket (fallback)
 	frameReady      = 4 // end of handshake
+	frameGrow       = 5 // a new region of the sender: index, size; its memfd rides with the frame (grow.go)
+	frameGrowAck    = 6 // the sender has mapped our region: index
+	frameShrink     = 7 // the sender has released its region: index
 
 	inlineMetaSize = 24 // id u64, aux u64, kind u16, 6 bytes zero
 	maxCloseReason = 256
@@ -49,6 +52,14 @@ func parseFrameHeader(b []byte) (frameHeader, error) {
 	case frameClose:
 		if h.Len > maxCloseReason {
 			return h, fmt.Errorf("%w: close reason of %d bytes", ErrCorrupt, h.Len)
+		}
+	case frameGrow:
+		if h.Len != growFrameSize {
+			return h, fmt.Errorf("%w: grow frame of %d bytes", ErrCorrupt, h.Len)
+		}
+	case frameGrowAck, frameShrink:
+		if h.Len != regionFrameSize {
+			return h, fmt.Errorf("%w: frame type %d of %d bytes", ErrCorrupt, h.Type, h.Len)
 		}
 	case frameInline:
 		if h.Len < inlineMetaSize || h.Len > inlineMetaSize+MaxInlineSize {

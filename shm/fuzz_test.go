@@ -70,7 +70,7 @@ func FuzzParseFrame(f *testing.F) {
 }
 
 func FuzzValidateHeader(f *testing.F) {
-	r, err := createRegion(2<<20, 64, 64, 64, 64<<10, roleServer, 0)
+	r, err := createRegion(2<<20, 64, 64, 64, 64<<10, 2<<20, roleServer, 0)
 	if err != nil {
 		f.Fatal(err)
 	}

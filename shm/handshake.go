@@ -45,6 +45,12 @@ type hello struct {
 	// MaxInline is the largest inline message the sender accepts (offset
 	// 104). 0, from a peer that predates it, means MaxInlineSize.
 	MaxInline uint64
+	// MaxTotal is the most bytes of all the sender's regions together
+	// (offset 112): the base region may grow up to it. 0 means RegionSize.
+	MaxTotal uint64
+	// PeerCap is the most bytes of the receiver's regions the sender maps
+	// (offset 120), the limit of the receiver's growth. 0 means no growth.
+	PeerCap uint64
 }
 
 const (
@@ -72,6 +78,8 @@ func (h *hello) encode() []byte {
 	b[36] = byte(len(r))
 	copy(b[40:40+reasonSize], r)
 	le.PutUint64(b[104:], h.MaxInline)
+	le.PutUint64(b[112:], h.MaxTotal)
+	le.PutUint64(b[120:], h.PeerCap)
 	return b
 }
 
@@ -94,6 +102,8 @@ func decodeHello(b []byte) (hello, error) {
 		MaxMessage:  le.Uint64(b[24:]),
 		PID:         le.Uint32(b[32:]),
 		MaxInline:   le.Uint64(b[104:]),
+		MaxTotal:    le.Uint64(b[112:]),
+		PeerCap:     le.Uint64(b[120:]),
 	}
 	n := int(b[36])
 	if n > reasonSize {
@@ -121,7 +131,16 @@ func decodeHello(b []byte) (hello, error) {
 	if h.SlotCount == 0 || h.SlotCount > h.RingEntries {
 		return hello{}, fmt.Errorf("%w: slot count %d", ErrHandshake, h.SlotCount)
 	}
-	if h.MaxMessage < MinMaxMessageSize || h.MaxMessage > h.RegionSize {
+	if h.MaxTotal == 0 {
+		h.MaxTotal = h.RegionSize
+	}
+	if h.MaxTotal < h.RegionSize || h.MaxTotal > MaxRegionSize {
+		return hello{}, fmt.Errorf("%w: maximum total %d for a region of %d", ErrHandshake, h.MaxTotal, h.RegionSize)
+	}
+	if h.PeerCap > MaxRegionSize {
+		return hello{}, fmt.Errorf("%w: peer region cap %d", ErrHandshake, h.PeerCap)
+	}
+	if h.MaxMessage < MinMaxMessageSize || h.MaxMessage > h.MaxTotal {
 		return hello{}, fmt.Errorf("%w: max message %d", ErrHandshake, h.MaxMessage)
 	}
 	if h.MaxInline == 0 {

@@ -36,6 +36,22 @@ type RegionInfo struct {
 	PeerRelHead  uint64 // owner buffers it has got back
 	Counters     RegionCounters
 	Buffers      []BufferInfo // every slot not free
+	// Index is 0 for a session's base region (which holds the rings, the
+	// buffer table, the counters and Growth), else a grown region's index.
+	Index    int
+	MaxTotal uint64     // the owner's limit on all its regions of the session together
+	Growth   GrowthInfo // base region only
+}
+
+// GrowthInfo describes the regions of the owner's session, from its base
+// region header (published at each housekeeping pass).
+type GrowthInfo struct {
+	Committed, PeerMapped uint64 // bytes of the owner's regions, and of the peer's it maps
+	Regions, PeerRegions  int
+	Grows, Shrinks        uint64
+	// Allocations refused because the regions could not grow: our maximum,
+	// the peer's limit, no memory for a region.
+	FallbackLimit, FallbackPeer, FallbackMemory uint64
 }
 
 // RegionCounters are the owner's counters kept in the region header.
@@ -55,7 +71,8 @@ type BufferInfo struct {
 	Len     uint64 // bytes requested
 	ID, Aux uint64 // message id and user word it was sent with
 	Since   time.Time
-	Data    []byte // the buffer's bytes, a slice of mem (Len bytes)
+	Data    []byte // the buffer's bytes, a slice of mem (Len bytes); nil for a buffer in a grown region
+	Region  int    // the region holding it: 0 the base region, else a grown one
 }
 
 // InspectRegion validates the region mapped at mem and describes it. mem is
@@ -91,6 +108,15 @@ func InspectRegion(mem []byte) (RegionInfo, error) {
 			InlineSent: ld(&c.InlineSent), InlineRecv: ld(&c.InlineRecv), QuotaHits: ld(&c.QuotaHits), PeerHeld: ld(&c.PeerHeld),
 		},
 	}
+	info.Index, info.MaxTotal = int(h.Region), g.maxTotal
+	gr := &h.Growth
+	regs := ld(&gr.Regions)
+	info.Growth = GrowthInfo{
+		Committed: ld(&gr.Committed), PeerMapped: ld(&gr.PeerMapped),
+		Regions: int(regs >> 32), PeerRegions: int(uint32(regs)),
+		Grows: ld(&gr.Grows), Shrinks: ld(&gr.Shrinks),
+		FallbackLimit: ld(&gr.FallbackLimit), FallbackPeer: ld(&gr.FallbackPeer), FallbackMemory: ld(&gr.FallbackMemory),
+	}
 	switch h.Role {
 	case roleClient:
 		info.Role = "client"
@@ -117,7 +143,10 @@ func InspectRegion(mem []byte) (RegionInfo, error) {
 		default:
 			b.State = fmt.Sprintf("state %d", state)
 		}
-		if d, ok := span(arena, m.Off, uint64(m.Len)); ok {
+		b.Region = int(m.Region)
+		if m.Region != 0 {
+			// Its bytes are in a grown region, another mapping.
+		} else if d, ok := span(arena, m.Off, uint64(m.Len)); ok {
 			b.Data = d
 		}
 		info.Buffers = append(info.Buffers, b)

@@ -14,12 +14,18 @@ import (
 //	[slotOff, +S*64)     buffer table: S slots of metadata for this side's buffers
 //	[arenaOff, size)     payload arena, carved by the buddy allocator
 //
+// That is the base region (index 0), made at the handshake. A grown region
+// (index 1 to MaxRegions-1, grow.go) has the same header, with Region set
+// and no rings or buffer table: its arena starts at headerSize. Buffers of
+// every region share the base region's buffer table and rings; a descriptor
+// and a slot name the region their bytes are in.
+//
 // Every part is written only by the process that created the region; the
 // peer maps it read-only.
 
 const (
 	regionMagic   = 0x314745524d48534b // "KSHMREG1" little-endian
-	layoutVersion = 1
+	layoutVersion = 2                  // 2: regions grow (desc.Region, slotMeta.Region, header Region and MaxTotal)
 	headerSize    = 4096
 	descSize      = 64
 	relEntrySize  = 8
@@ -50,7 +56,9 @@ type regionHeader struct {
 	CreatedUnix int64  // creation time, unix nanoseconds
 	Role        uint32 // roleClient or roleServer
 	PeerPID     uint32 // the peer's pid (SO_PEERCRED), for operators
-	_           [16]byte
+	Region      uint32 // 0 for the base region, else the grown region's index
+	_           [4]byte
+	MaxTotal    uint64 // the owner's limit on the bytes of all its regions together
 
 	// State word of the owner's receiver: low 32 bits count goroutines
 	// sleeping until the peer makes progress; high 32 bits an epoch bumped
@@ -69,8 +77,22 @@ type regionHeader struct {
 	PeerRelHead  uint64 // our consumer index of the peer's release ring
 	_            [120]byte
 
-	Counters counters // owner's counters, for operators (kshm stats)
-	_        [headerSize - 768 - unsafe.Sizeof(counters{})]byte
+	Counters counters       // owner's counters, for operators (kshm stats)
+	Growth   growthCounters // owner's regions, for operators (base region only)
+	_        [headerSize - 768 - unsafe.Sizeof(counters{}) - unsafe.Sizeof(growthCounters{})]byte
+}
+
+// growthCounters describe the owner's regions; written by the owner with
+// atomics at each housekeeping pass.
+type growthCounters struct {
+	Committed      uint64 // bytes of the owner's regions
+	PeerMapped     uint64 // bytes of the peer's regions the owner maps
+	Regions        uint64 // owner's regions << 32 | the peer's regions it maps
+	Grows          uint64
+	Shrinks        uint64
+	FallbackLimit  uint64 // allocations refused: RegionSize or MaxRegions reached
+	FallbackPeer   uint64 // allocations refused: the peer's limit reached
+	FallbackMemory uint64 // allocations refused: no memory for a region
 }
 
 // counters are written by the owner with atomics and read by anyone.
@@ -100,16 +122,17 @@ const (
 
 // desc is one descriptor of a send ring: one segment of a message.
 type desc struct {
-	ID    uint64 // message id chosen by the sender's user
-	Aux   uint64 // user word (e.g. stream id)
-	Off   uint64 // offset of the segment in the sender's arena
-	Len   uint32 // bytes of the segment
-	Slot  uint32 // sender's buffer-table slot, noSlot when Len == 0
-	Gen   uint32 // generation of the slot, echoed back on release
-	Seq   uint32 // per-ring sequence number, checked by the receiver
-	Kind  uint16 // user kind
-	Flags uint16 // descMore: another segment of the same message follows
-	_     [20]byte
+	ID     uint64 // message id chosen by the sender's user
+	Aux    uint64 // user word (e.g. stream id)
+	Off    uint64 // offset of the segment in the sender's arena
+	Len    uint32 // bytes of the segment
+	Slot   uint32 // sender's buffer-table slot, noSlot when Len == 0
+	Gen    uint32 // generation of the slot, echoed back on release
+	Seq    uint32 // per-ring sequence number, checked by the receiver
+	Kind   uint16 // user kind
+	Flags  uint16 // descMore: another segment of the same message follows
+	Region uint32 // index of the sender's region holding the segment (0: base)
+	_      [16]byte
 }
 
 const (
@@ -120,15 +143,16 @@ const (
 // slotMeta describes one buffer of the owner's arena. The owner keeps it in
 // the region so that a dump tool can show what is in use.
 type slotMeta struct {
-	Off   uint64 // arena offset
-	Size  uint32 // block size
-	Len   uint32 // bytes requested
-	State uint32 // slotFree, slotLocal or slotSent
-	Gen   uint32
-	ID    uint64 // message id it was sent with
-	Aux   uint64
-	Time  int64 // unix nanoseconds of allocation, then of sending
-	_     [16]byte
+	Off    uint64 // arena offset
+	Size   uint32 // block size
+	Len    uint32 // bytes requested
+	State  uint32 // slotFree, slotLocal or slotSent
+	Gen    uint32
+	ID     uint64 // message id it was sent with
+	Aux    uint64
+	Time   int64  // unix nanoseconds of allocation, then of sending
+	Region uint32 // index of the region holding the buffer (0: base)
+	_      [12]byte
 }
 
 const (
@@ -145,6 +169,8 @@ type geometry struct {
 	slotOff, slotCount   uint64
 	arenaOff, arenaSize  uint64
 	maxMessage           uint64 // the owner's MaxMessage, copied once at validation
+	maxTotal             uint64 // the owner's MaxTotal, copied once at validation
+	index                uint32 // region index: 0 base, else grown
 }
 
 func roundUp(x, to uint64) uint64 { return (x + to - 1) / to * to }
@@ -196,6 +222,13 @@ func validateHeader(h *regionHeader, mapped uint64) (geometry, error) {
 	if h.Size != mapped {
 		return bad("size %d differs from the mapping (%d bytes)", h.Size, mapped)
 	}
+	maxTotal := atomic.LoadUint64(&h.MaxTotal)
+	if maxTotal < mapped || maxTotal > MaxRegionSize {
+		return bad("maximum total %d for a region of %d bytes", maxTotal, mapped)
+	}
+	if h.Region != 0 {
+		return validateGrownHeader(h, mapped, maxTotal)
+	}
 	re, rl, sc := uint64(h.RingEntries), uint64(h.RelEntries), uint64(h.SlotCount)
 	if re < MinRingEntries || re > MaxRingEntries || re&(re-1) != 0 {
 		return bad("ring entries %d", re)
@@ -219,9 +252,45 @@ func validateHeader(h *regionHeader, mapped uint64) (geometry, error) {
 	}
 	// Read once: the peer can rewrite its header after we checked it.
 	maxMsg := atomic.LoadUint64(&h.MaxMessage)
-	if maxMsg == 0 || maxMsg > g.arenaSize {
-		return bad("max message %d for an arena of %d", maxMsg, g.arenaSize)
+	if maxMsg == 0 || maxMsg > max(g.arenaSize, maxTotal) {
+		return bad("max message %d for an arena of %d (at most %d bytes of regions)", maxMsg, g.arenaSize, maxTotal)
 	}
 	g.maxMessage = maxMsg
+	g.maxTotal = maxTotal
+	return g, nil
+}
+
+// computeGrownGeometry lays out a grown region of size bytes: the header
+// page, then the arena.
+func computeGrownGeometry(size uint64) geometry {
+	g := geometry{size: size, arenaOff: headerSize}
+	if size > headerSize {
+		g.arenaSize = (size - headerSize) / MinBlockSize * MinBlockSize
+	}
+	return g
+}
+
+// validateGrownHeader checks the header of a grown region (Region != 0):
+// no rings, no buffer table, the arena right after the header.
+func validateGrownHeader(h *regionHeader, mapped, maxTotal uint64) (geometry, error) {
+	bad := func(format string, a ...any) (geometry, error) {
+		return geometry{}, fmt.Errorf("%w: grown region header: "+format, append([]any{ErrCorrupt}, a...)...)
+	}
+	if h.Region >= MaxRegions {
+		return bad("region index %d, at most %d", h.Region, MaxRegions-1)
+	}
+	if h.RingEntries != 0 || h.RelEntries != 0 || h.SlotCount != 0 || h.RingOff != 0 || h.RelOff != 0 || h.SlotOff != 0 {
+		return bad("rings or buffer table (ring %d, release %d, slots %d)", h.RingEntries, h.RelEntries, h.SlotCount)
+	}
+	g := computeGrownGeometry(mapped)
+	if h.ArenaOff != g.arenaOff || h.ArenaSize != g.arenaSize || g.arenaSize == 0 {
+		return bad("arena %d+%d, want %d+%d", h.ArenaOff, h.ArenaSize, g.arenaOff, g.arenaSize)
+	}
+	if h.BlockSize != MinBlockSize {
+		return bad("block size %d, want %d", h.BlockSize, MinBlockSize)
+	}
+	g.maxMessage = atomic.LoadUint64(&h.MaxMessage)
+	g.maxTotal = maxTotal
+	g.index = h.Region
 	return g, nil
 }

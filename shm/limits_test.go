@@ -264,7 +264,7 @@ func TestPeerLimit_RegionAboveOurCapRefused(t *testing.T) {
 	}
 	// And on the client side.
 	big := cfg
-	big.RegionSize = 8 << 20
+	big.RegionSize, big.InitialRegionSize = 8<<20, 8<<20 // a base region of 8 MiB
 	path2 := filepath.Join(t.TempDir(), "s2")
 	ln2, err := Listen(path2, big)
 	if err != nil {
@@ -276,5 +276,82 @@ func TestPeerLimit_RegionAboveOurCapRefused(t *testing.T) {
 			s.Close()
 		}
 		t.Fatalf("Dial to a server with an 8 MiB region and our 4 MiB cap = %v, want ErrHandshake", err)
+	}
+}
+
+// A peer announcing more of its regions than we map (too large, too many,
+// or a bad index) is refused: that session closes with ErrRegionLimit, and
+// another session of the same listener is unaffected.
+func TestPeerLimit_GrownRegionsCapped(t *testing.T) {
+	cases := []struct {
+		name     string
+		announce func(f *misbehave.Forger) error
+	}{
+		{"too large", func(f *misbehave.Forger) error { return f.AnnounceRegion(1, 8<<20, 2<<20) }},
+		{"too many", func(f *misbehave.Forger) error {
+			for i := uint32(1); i <= MaxRegions; i++ {
+				if err := f.AnnounceRegion(i, 64<<10, 2<<20); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
+		{"index out of range", func(f *misbehave.Forger) error { return f.AnnounceRegion(MaxRegions, 64<<10, 2<<20) }},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := limitConfig()
+			cfg.MaxPeerRegionSize = 4 << 20 // the forger's 2 MiB base region and a little more
+			path := filepath.Join(t.TempDir(), "s")
+			ln, err := Listen(path, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			good, err := Dial(ctx, path, limitConfig())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer good.Close()
+			gs, err := ln.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer gs.Close()
+			f, err := misbehave.Forge(ctx, path, misbehave.ForgeOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			s, err := ln.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			c.announce(f) // writes may fail once the server has closed
+			select {
+			case <-s.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("session still open after the peer announced regions above our caps")
+			}
+			if !errors.Is(s.Err(), ErrCorrupt) || !errors.Is(s.Err(), ErrRegionLimit) {
+				t.Fatalf("Err = %v, want ErrCorrupt and ErrRegionLimit", s.Err())
+			}
+			// The other session still works.
+			b, err := good.Alloc(1000)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := good.Send(ctx, 1, 0, 0, b); err != nil {
+				t.Fatal(err)
+			}
+			m, err := gs.Recv(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			gs.Release(&m)
+		})
 	}
 }

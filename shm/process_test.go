@@ -30,6 +30,10 @@ func TestMain(m *testing.M) {
 		os.Exit(childHolderClient())
 	case "stress-client":
 		os.Exit(childStressClient())
+	case "grow-client":
+		os.Exit(childGrowClient())
+	case "grow-server":
+		os.Exit(childGrowServer())
 	default:
 		fmt.Fprintln(os.Stderr, "unknown child role", shmtest.Role())
 		os.Exit(2)

@@ -1,6 +1,7 @@
 package shm
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cloudwego/kitex/pkg/klog"
+	"golang.org/x/sys/unix"
 )
 
 // wakeSlack is how many wake-ups beyond our sleeps a peer may send before
@@ -25,6 +27,8 @@ func (s *Session) reader() {
 	passes := 0
 	next := time.Now().Add(housekeepEvery)
 	var fl floodCheck
+	rx := &fdReader{conn: s.conn, oob: make([]byte, unix.CmsgSpace(4*MaxRegions)), buf: make([]byte, readAhead)}
+	defer rx.closeAll()
 	for {
 		if now := time.Now(); !now.Before(next) {
 			passes++
@@ -33,12 +37,12 @@ func (s *Session) reader() {
 			next = now.Add(housekeepEvery)
 		}
 		s.conn.SetReadDeadline(next)
-		got, err := readFull(s.conn, hdr[:])
+		got, err := rx.readFull(hdr[:])
 		if err != nil && got > 0 && got < frameHeaderSize && isTimeout(err) {
 			// Never lose a frame's alignment to the housekeeping deadline.
 			s.conn.SetReadDeadline(deadlineAfter(frameBodyTimeout))
 			var k int
-			k, err = readFull(s.conn, hdr[got:])
+			k, err = rx.readFull(hdr[got:])
 			got += k
 		}
 		if err != nil {
@@ -53,19 +57,46 @@ func (s *Session) reader() {
 			s.fail(err)
 			return
 		}
-		if !s.handleFrame(fh, &fl) {
+		if err := rx.err; err != nil {
+			s.fail(err)
+			return
+		}
+		if !s.handleFrame(fh, &fl, rx) {
 			return
 		}
 	}
 }
 
 // handleFrame handles one frame; false ends the reader.
-func (s *Session) handleFrame(fh frameHeader, fl *floodCheck) bool {
+func (s *Session) handleFrame(fh frameHeader, fl *floodCheck, rx *fdReader) bool {
 	if !s.life.beginOp() {
 		return false
 	}
 	defer s.life.endOp()
 	switch fh.Type {
+	case frameGrow, frameGrowAck, frameShrink:
+		body := make([]byte, fh.Len)
+		s.conn.SetReadDeadline(deadlineAfter(frameBodyTimeout))
+		if _, err := rx.readFull(body); err != nil {
+			s.closeWith(fmt.Errorf("%w: frame body: %v", ErrPeerClosed, err), false)
+			return false
+		}
+		var err error
+		switch fh.Type {
+		case frameGrow:
+			err = s.peerGrow(body, rx.take())
+		case frameGrowAck:
+			err = s.growAcked(binary.LittleEndian.Uint32(body))
+		case frameShrink:
+			err = s.peerShrink(binary.LittleEndian.Uint32(body))
+		}
+		if err == nil && fh.Type != frameGrow && binary.LittleEndian.Uint32(body[4:]) != 0 {
+			err = fmt.Errorf("%w: frame type %d reserved bytes", ErrCorrupt, fh.Type)
+		}
+		if err != nil {
+			s.fail(err)
+			return false
+		}
 	case frameWake:
 		if err := fl.wake(uint32(atomic.LoadUint64(&s.localHdr.State) >> 32)); err != nil {
 			s.fail(err)
@@ -75,7 +106,7 @@ func (s *Session) handleFrame(fh frameHeader, fl *floodCheck) bool {
 	case frameClose:
 		reason := make([]byte, fh.Len)
 		s.conn.SetReadDeadline(deadlineAfter(frameBodyTimeout))
-		readFull(s.conn, reason)
+		rx.readFull(reason)
 		s.closeWith(fmt.Errorf("%w: %s", ErrPeerClosed, sanitize(reason)), false)
 		return false
 	case frameInline:
@@ -90,7 +121,7 @@ func (s *Session) handleFrame(fh frameHeader, fl *floodCheck) bool {
 		}
 		buf := make([]byte, fh.Len)
 		s.conn.SetReadDeadline(deadlineAfter(frameBodyTimeout))
-		if _, err := readFull(s.conn, buf); err != nil {
+		if _, err := rx.readFull(buf); err != nil {
 			s.inlineBytes.Add(-int64(fh.Len))
 			s.closeWith(fmt.Errorf("%w: inline frame body: %v", ErrPeerClosed, err), false)
 			return false
@@ -166,6 +197,104 @@ func (f *floodCheck) wake(sleeps uint32) error {
 
 func (f *floodCheck) decay() { f.excess /= 2 }
 
+// fdReader reads the socket ahead, in a buffer (many frames per system
+// call), keeping the descriptors that come with the bytes (a frameGrow's
+// memfd) in order, for the frame that claims them: a descriptor arrives no
+// later than its frame's first byte. It belongs to the reader goroutine.
+type fdReader struct {
+	conn *net.UnixConn
+	oob  []byte
+	buf  []byte // read ahead: buf[r:w] not yet consumed
+	r, w int
+	fds  []int // received, not yet claimed, in order
+	err  error // descriptors arrived that no frame can claim
+}
+
+const readAhead = 64 << 10
+
+// readFull reads exactly len(b) bytes, keeping descriptors. On error it
+// returns how many bytes it read.
+func (r *fdReader) readFull(b []byte) (int, error) {
+	n := r.take0(b)
+	for n < len(b) {
+		// A large remainder goes straight into b; a small one through the
+		// buffer.
+		direct := len(b)-n >= len(r.buf)
+		dst := r.buf
+		if direct {
+			dst = b[n:]
+		}
+		k, oobn, flags, _, err := r.conn.ReadMsgUnix(dst, r.oob)
+		k = max(k, 0) // -1 with some errors
+		if oobn > 0 {
+			r.keep(r.oob[:oobn])
+		}
+		if flags&unix.MSG_CTRUNC != 0 && r.err == nil {
+			r.err = fmt.Errorf("%w: %w: descriptors truncated", ErrCorrupt, ErrRegionLimit)
+		}
+		if direct {
+			n += k
+		} else {
+			r.r, r.w = 0, k
+			n += r.take0(b[n:])
+		}
+		if err != nil && n < len(b) {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// take0 copies buffered bytes into b.
+func (r *fdReader) take0(b []byte) int {
+	k := copy(b, r.buf[r.r:r.w])
+	r.r += k
+	return k
+}
+
+func (r *fdReader) keep(oob []byte) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		if r.err == nil {
+			r.err = fmt.Errorf("%w: control message: %v", ErrCorrupt, err)
+		}
+		return
+	}
+	for _, m := range msgs {
+		fds, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			if len(r.fds) >= MaxRegions {
+				unix.Close(fd)
+				if r.err == nil {
+					r.err = fmt.Errorf("%w: %w: more than %d descriptors unclaimed", ErrCorrupt, ErrRegionLimit, MaxRegions)
+				}
+				continue
+			}
+			r.fds = append(r.fds, fd)
+		}
+	}
+}
+
+// take returns the oldest unclaimed descriptor, or -1.
+func (r *fdReader) take() int {
+	if len(r.fds) == 0 {
+		return -1
+	}
+	fd := r.fds[0]
+	r.fds = r.fds[1:]
+	return fd
+}
+
+func (r *fdReader) closeAll() {
+	for _, fd := range r.fds {
+		unix.Close(fd)
+	}
+	r.fds = nil
+}
+
 // deadlineAfter is time.Now().Add(d), for the frame-body deadlines.
 func deadlineAfter(d time.Duration) time.Time { return time.Now().Add(d) }
 
@@ -197,6 +326,8 @@ func (s *Session) housekeep(now time.Time, scan bool) {
 	}
 	defer s.life.endOp()
 	atomic.StoreInt64(&s.localHdr.Heartbeat, now.UnixNano())
+	s.shrinkIdle(now.UnixNano())
+	s.flushCtrl() // frames a full socket held back
 	s.publishCounters()
 	if !scan || s.cfg.LeakThreshold <= 0 {
 		return

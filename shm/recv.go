@@ -190,9 +190,24 @@ func (s *Session) tryRecv(m *Message) (bool, error) {
 		if uint64(d.Len) > s.recvLimit {
 			return false, s.corrupt("descriptor %d: segment of %d bytes, larger than the maximum message (%d)", head+n, d.Len, s.recvLimit)
 		}
-		seg, ok := span(s.peer.arena, d.Off, uint64(d.Len))
+		arena := s.peer.arena
+		if d.Region != 0 {
+			// A reference keeps the grown region mapped until Release.
+			var p *peerRegion
+			if d.Region < MaxRegions {
+				p = s.peerRegs[d.Region].Load()
+			}
+			if p == nil || !p.acquire() {
+				return false, s.corrupt("descriptor %d names region %d, which is not mapped", head+n, d.Region)
+			}
+			m.regs[n] = uint8(d.Region)
+			arena = p.r.arena
+		} else {
+			m.regs[n] = 0
+		}
+		seg, ok := span(arena, d.Off, uint64(d.Len))
 		if !ok {
-			return false, s.corrupt("descriptor %d: segment %d+%d outside the peer's arena of %d bytes", head+n, d.Off, d.Len, pg.arenaSize)
+			return false, s.corrupt("descriptor %d: segment %d+%d outside the peer's arena %d of %d bytes", head+n, d.Off, d.Len, d.Region, len(arena))
 		}
 		m.segs[n] = seg
 		m.tokens[n] = uint64(d.Slot)<<32 | uint64(d.Gen)
@@ -236,6 +251,12 @@ func (s *Session) Release(m *Message) {
 	m.n = 0
 	for i := range n {
 		m.segs[i] = nil
+		// Before the release entries: once the peer has its buffers back it
+		// may release the region, and we must hold no reference by then.
+		if m.regs[i] != 0 {
+			s.releasePeerRef(m.regs[i])
+			m.regs[i] = 0
+		}
 	}
 	// The message's hold keeps both mappings until the end of this call.
 	entries := s.local.geo.relEntries

@@ -26,15 +26,59 @@ type region struct {
 
 const requiredSeals = unix.F_SEAL_SHRINK | unix.F_SEAL_GROW
 
-// createRegion makes our region: a sealed memfd of size bytes, pages
-// reserved up front, mapped read-write, header written.
-func createRegion(size, ringEntries, relEntries, slotCount, maxMessage uint64, role uint32, peerPID int32) (*region, error) {
+// createRegion makes our base region: a sealed memfd of size bytes, pages
+// reserved up front and pre-faulted, mapped read-write, header written.
+// maxTotal is our limit on all our regions together (the peer checks
+// maxMessage against it).
+func createRegion(size, ringEntries, relEntries, slotCount, maxMessage, maxTotal uint64, role uint32, peerPID int32) (*region, error) {
 	g := computeGeometry(size, ringEntries, relEntries, slotCount)
-	g.maxMessage = maxMessage
-	if g.arenaSize < maxMessage || g.arenaSize == 0 {
+	g.maxMessage, g.maxTotal = maxMessage, maxTotal
+	if g.arenaSize == 0 || maxMessage > max(g.arenaSize, maxTotal) {
 		return nil, fmt.Errorf("%w: region of %d bytes leaves an arena of %d bytes, smaller than the maximum message (%d)",
 			ErrBadConfig, size, g.arenaSize, maxMessage)
 	}
+	r, err := newRegionMemory(size)
+	if err != nil {
+		return nil, err
+	}
+	r.geo = g
+	h := at[regionHeader](r.mem, 0)
+	*h = regionHeader{
+		Magic: regionMagic, Version: layoutVersion, HeaderSize: headerSize, Size: size,
+		RingOff: g.ringOff, RingEntries: uint32(g.ringEntries), DescSize: descSize,
+		RelOff: g.relOff, RelEntries: uint32(g.relEntries), SlotCount: uint32(g.slotCount), SlotOff: g.slotOff,
+		ArenaOff: g.arenaOff, ArenaSize: g.arenaSize, MaxMessage: maxMessage, BlockSize: MinBlockSize,
+		PID: uint32(os.Getpid()), CreatedUnix: time.Now().UnixNano(), Role: role, PeerPID: uint32(peerPID),
+		MaxTotal: maxTotal,
+	}
+	r.bind()
+	return r, nil
+}
+
+// createGrownRegion makes grown region index of size bytes (header and
+// arena only), created, reserved, pre-faulted and sealed like the base one.
+func createGrownRegion(size uint64, index uint32, maxMessage, maxTotal uint64, role uint32, peerPID int32) (*region, error) {
+	g := computeGrownGeometry(size)
+	g.maxMessage, g.maxTotal, g.index = maxMessage, maxTotal, index
+	r, err := newRegionMemory(size)
+	if err != nil {
+		return nil, err
+	}
+	r.geo = g
+	h := at[regionHeader](r.mem, 0)
+	*h = regionHeader{
+		Magic: regionMagic, Version: layoutVersion, HeaderSize: headerSize, Size: size, DescSize: descSize,
+		ArenaOff: g.arenaOff, ArenaSize: g.arenaSize, MaxMessage: maxMessage, BlockSize: MinBlockSize,
+		PID: uint32(os.Getpid()), CreatedUnix: time.Now().UnixNano(), Role: role, PeerPID: uint32(peerPID),
+		Region: index, MaxTotal: maxTotal,
+	}
+	r.bind()
+	return r, nil
+}
+
+// newRegionMemory makes a sealed memfd of size bytes with every page
+// reserved, maps it read-write and pre-faults the mapping.
+func newRegionMemory(size uint64) (*region, error) {
 	if err := checkMemoryAvailable(size); err != nil {
 		return nil, err
 	}
@@ -66,17 +110,19 @@ func createRegion(size, ringEntries, relEntries, slotCount, maxMessage uint64, r
 		unix.Munmap(mem)
 		return fail("seal region", err)
 	}
-	r := &region{mem: mem, fd: fd, geo: g}
-	h := at[regionHeader](mem, 0)
-	*h = regionHeader{
-		Magic: regionMagic, Version: layoutVersion, HeaderSize: headerSize, Size: size,
-		RingOff: g.ringOff, RingEntries: uint32(g.ringEntries), DescSize: descSize,
-		RelOff: g.relOff, RelEntries: uint32(g.relEntries), SlotCount: uint32(g.slotCount), SlotOff: g.slotOff,
-		ArenaOff: g.arenaOff, ArenaSize: g.arenaSize, MaxMessage: maxMessage, BlockSize: MinBlockSize,
-		PID: uint32(os.Getpid()), CreatedUnix: time.Now().UnixNano(), Role: role, PeerPID: uint32(peerPID),
+	prefault(mem, unix.MADV_POPULATE_WRITE)
+	return &region{mem: mem, fd: fd}, nil
+}
+
+// prefault maps every page of mem now (first touches cost 10-40 µs a page
+// otherwise). Kernels before 5.14 refuse the advice; that only costs the
+// faults later, so the error is not reported.
+func prefault(mem []byte, advice int) {
+	// Best effort: Linux before 5.14 refuses the advice (EINVAL), and under
+	// memory pressure it may stop early; the pages then fault in on use.
+	if err := unix.Madvise(mem, advice); err != nil {
+		return
 	}
-	r.bind()
-	return r, nil
 }
 
 // mapPeerRegion maps the peer's memfd read-only and validates it. The
@@ -119,6 +165,7 @@ func mapPeerRegion(fd int, maxRegion uint64) (*region, error) {
 	}
 	r.geo = g
 	r.bind()
+	prefault(mem, unix.MADV_POPULATE_READ)
 	return r, nil
 }
 
@@ -126,6 +173,10 @@ func mapPeerRegion(fd int, maxRegion uint64) (*region, error) {
 func (r *region) bind() {
 	g := r.geo
 	r.hdr = at[regionHeader](r.mem, 0)
+	if g.index != 0 {
+		r.arena, _ = span(r.mem, g.arenaOff, g.arenaSize)
+		return
+	}
 	r.ring = sliceAt[desc](r.mem, g.ringOff, g.ringEntries)
 	r.rel = sliceAt[uint64](r.mem, g.relOff, g.relEntries)
 	r.slots = sliceAt[slotMeta](r.mem, g.slotOff, g.slotCount)

@@ -15,10 +15,14 @@ const slotSending = 3 // being published by Send; not yet the peer's
 
 func slotWord(gen, state uint32) uint64 { return uint64(gen)<<32 | uint64(state) }
 
-// Alloc allocates a buffer of n bytes in our arena. It never blocks: it
-// fails with ErrTooLarge, ErrQuota (MaxBuffers in flight), ErrNoMemory (no
-// free block large enough) or ErrClosed. The buffer keeps our region mapped
-// until it is sent or freed.
+// Alloc allocates a buffer of n bytes in one of our regions. It fails with
+// ErrTooLarge, ErrQuota (MaxBuffers in flight), ErrNoMemory (no free block
+// large enough, and the regions cannot grow: then it also wraps
+// ErrGrowLimit, ErrGrowPeerLimit or ErrInsufficientMemory) or ErrClosed.
+// When no region has room and the regions may grow, it adds a region and
+// waits for the peer to map it (at most HandshakeTimeout; grow.go);
+// otherwise it never blocks. The buffer keeps our regions mapped until it
+// is sent or freed.
 func (s *Session) Alloc(n int) (Buffer, error) {
 	if n < 0 || n > s.cfg.MaxMessageSize {
 		s.events.tooLarge.Add(1)
@@ -27,27 +31,65 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 	if !s.life.acquireHold() { // the buffer's hold, dropped by Send or Free
 		return Buffer{}, s.closedErr()
 	}
-	s.allocMu.Lock()
-	if err := s.reclaimLocked(); err != nil {
+	for attempt := 0; ; attempt++ {
+		s.allocMu.Lock()
+		if err := s.reclaimLocked(); err != nil {
+			s.allocMu.Unlock()
+			s.life.dropHolds(1)
+			s.fail(err)
+			return Buffer{}, s.closedErr()
+		}
+		if len(s.freeSlots) == 0 {
+			s.allocCounts.failed++
+			s.allocCounts.quotaHits++
+			s.allocMu.Unlock()
+			s.life.dropHolds(1)
+			return Buffer{}, ErrQuota
+		}
+		lr, off, k, ok := s.allocAnyLocked(uint64(n))
+		if ok {
+			b := s.takeSlotLocked(lr, off, k, n)
+			s.allocMu.Unlock()
+			return b, nil
+		}
+		var g *growth
+		var index uint32
+		var size uint64
+		var start bool
+		err := error(ErrNoMemory)
+		if attempt < 3 { // each step made room that others took: give up after a few
+			g, index, size, start, err = s.planGrowLocked(uint64(n))
+		}
+		if err != nil {
+			s.allocCounts.failed++
+			s.countGrowFailLocked(err)
+			s.allocMu.Unlock()
+			s.flushCtrl() // shrink frames of regions released to make way
+			s.life.dropHolds(1)
+			return Buffer{}, err
+		}
 		s.allocMu.Unlock()
-		s.life.dropHolds(1)
-		s.fail(err)
-		return Buffer{}, s.closedErr()
+		if start {
+			s.startGrow(g, index, size)
+		}
+		if err := s.waitGrow(g); err != nil {
+			if errors.Is(err, ErrClosed) {
+				s.life.dropHolds(1)
+				return Buffer{}, err
+			}
+			s.allocMu.Lock()
+			s.allocCounts.failed++
+			s.countGrowFailLocked(err)
+			s.allocMu.Unlock()
+			s.life.dropHolds(1)
+			return Buffer{}, err
+		}
 	}
-	if len(s.freeSlots) == 0 {
-		s.allocCounts.failed++
-		s.allocCounts.quotaHits++
-		s.allocMu.Unlock()
-		s.life.dropHolds(1)
-		return Buffer{}, ErrQuota
-	}
-	off, k, ok := s.buddy.alloc(uint64(n))
-	if !ok {
-		s.allocCounts.failed++
-		s.allocMu.Unlock()
-		s.life.dropHolds(1)
-		return Buffer{}, ErrNoMemory
-	}
+}
+
+// takeSlotLocked makes the buffer of n bytes at off (order k) of lr.
+// allocMu held, a free slot available.
+func (s *Session) takeSlotLocked(lr *localRegion, off uint64, k uint8, n int) Buffer {
 	slot := s.freeSlots[len(s.freeSlots)-1]
 	s.freeSlots = s.freeSlots[:len(s.freeSlots)-1]
 	w := &s.slotWords[slot]
@@ -57,16 +99,17 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 	}
 	size := uint64(MinBlockSize) << k
 	m := &s.local.slots[slot]
-	m.Off, m.Size, m.Len, m.Gen, m.ID, m.Aux = off, uint32(size), uint32(n), gen, 0, 0
+	m.Off, m.Size, m.Len, m.Gen, m.ID, m.Aux, m.Region = off, uint32(size), uint32(n), gen, 0, 0, lr.index
 	m.Time = s.coarseNow.Load()
 	m.State = slotLocal
 	w.Store(slotWord(gen, slotLocal))
+	lr.inUse++
+	lr.idle = 0
 	s.allocCounts.allocs++
 	s.allocCounts.inUseBufs++
 	s.allocCounts.inUseBytes += int64(size)
-	s.allocMu.Unlock()
-	b, _ := span(s.local.arena, off, uint64(n))
-	return Buffer{b: b, slot: slot, gen: gen}, nil
+	b, _ := span(lr.r.arena, off, uint64(n))
+	return Buffer{b: b, slot: slot, gen: gen}
 }
 
 // Free returns a buffer that was allocated and not sent, and drops its hold
@@ -92,8 +135,15 @@ func (s *Session) Free(b Buffer) error {
 // a generation we hand out, and memory inside our arena. It reads no
 // mapping (the address is only compared).
 func (s *Session) ours(b Buffer) bool {
-	return b.b != nil && b.gen != 0 && b.slot < uint32(len(s.slotWords)) &&
-		inside(b.b, s.arenaBase, s.local.geo.arenaSize)
+	if b.b == nil || b.gen == 0 || b.slot >= uint32(len(s.slotWords)) {
+		return false
+	}
+	for i := range s.spans {
+		if sp := s.spans[i].Load(); sp != nil && inside(b.b, sp.base, sp.size) {
+			return true
+		}
+	}
+	return false
 }
 
 // takeLocal moves b's slot from local to state by compare-and-swap, or says
@@ -120,7 +170,11 @@ func (s *Session) takeLocal(b Buffer, state uint32) error {
 func (s *Session) freeSlotLocked(slot uint32) {
 	m := &s.local.slots[slot]
 	size := uint64(m.Size)
-	s.buddy.release(m.Off, orderFor(size))
+	lr := s.locals[m.Region] // in use while it has a buffer (grow.go)
+	lr.buddy.release(m.Off, orderFor(size))
+	if lr.inUse--; lr.inUse == 0 {
+		lr.idle = s.coarseNow.Load()
+	}
 	m.State = slotFree
 	s.freeSlots = append(s.freeSlots, slot)
 	s.allocCounts.frees++
@@ -207,7 +261,10 @@ func (s *Session) Send(ctx context.Context, id, aux uint64, kind uint16, bufs ..
 			s.life.endOp()
 			return err
 		}
-		if uint64(len(b.b)) > uint64(s.local.slots[b.slot].Len) {
+		// The slot is ours now: the buffer must be its memory.
+		m := &s.local.slots[b.slot]
+		sp := s.spans[m.Region%MaxRegions].Load()
+		if sp == nil || uint64(len(b.b)) > uint64(m.Len) || addrOf(b.b) != sp.base+uintptr(m.Off) {
 			s.unsend(bufs[:i+1])
 			s.life.endOp()
 			return ErrForeignBuffer
@@ -281,7 +338,7 @@ func (s *Session) publish(ctx context.Context, id, aux uint64, kind uint16, bufs
 		}
 		s.local.ring[(t+uint64(i))&mask] = desc{
 			ID: id, Aux: aux, Off: m.Off, Len: uint32(len(b.b)), Slot: b.slot, Gen: b.gen,
-			Seq: uint32(t + uint64(i)), Kind: kind, Flags: flags,
+			Seq: uint32(t + uint64(i)), Kind: kind, Flags: flags, Region: m.Region,
 		}
 	}
 	s.localTail = t + nd

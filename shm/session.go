@@ -12,6 +12,7 @@ import (
 //	session.go   the Session type and its creation
 //	lifetime.go  references to the mappings, Close
 //	send.go      Alloc, Free, Send, SendInline, reclaiming released buffers
+//	grow.go      regions that grow and shrink in steps
 //	recv.go      Recv, Release
 //	wake.go      the sleep/wake protocol and the spin policy
 //	reader.go    the socket reader and housekeeping
@@ -49,24 +50,34 @@ type Session struct {
 	recvLimit uint64   // largest segment accepted: min(our MaxMessageSize, peerMax)
 	inlineMax uint64   // largest inline message we accept (Config.MaxInlineSize)
 	peerInMax uint64   // largest inline message the peer accepts (its hello)
+	peerCap   uint64   // most bytes of our regions the peer maps (its hello)
 
 	// slotWords is the state of each of our buffer slots, gen<<32|state, in
 	// the Go heap: Send and Free change it by compare-and-swap, so a buffer
 	// changes hands once, and a stale Buffer is refused without touching the
 	// mapping. The region's buffer table mirrors it for operators.
 	slotWords []atomic.Uint64
-	arenaBase uintptr      // address of our arena, to tell our Buffers from others'
-	coarseNow atomic.Int64 // unix nanoseconds of the last housekeeping pass
+	spans     [MaxRegions]atomic.Pointer[arenaSpan] // our arenas, to tell our Buffers from others'
+	coarseNow atomic.Int64                          // unix nanoseconds of the last housekeeping pass
+
+	// peerRegs are the peer's grown regions we map (index 1 up), set by the
+	// reader; peerMapped counts the bytes of all the peer's regions mapped.
+	peerRegs   [MaxRegions]atomic.Pointer[peerRegion]
+	peerMapped atomic.Uint64
 
 	_ cacheLinePad
-	// allocMu guards the buddy allocator, the free slot stack, the consumer
-	// index of the peer's release ring, leakLogged and allocCounts.
+	// allocMu guards our regions and their allocators (locals, committed,
+	// grow), the free slot stack, the consumer index of the peer's release
+	// ring, leakLogged, allocCounts and growCounts.
 	allocMu     sync.Mutex
-	buddy       *buddy
+	locals      [MaxRegions]*localRegion // index 0 is the base region
+	committed   uint64                   // bytes of our regions, with one being grown
+	grow        *growth                  // the growth step in progress, if any
 	freeSlots   []uint32
 	peerRelHead uint64
 	leakLogged  []uint32 // generation of the slot last logged as a leak
 	allocCounts allocCounters
+	growCounts  growCounters
 
 	_ cacheLinePad
 	// sendMu guards localTail, the producer index of our send ring, and
@@ -99,6 +110,11 @@ type Session struct {
 	// close unblocks a writer by closing conn.
 	wmu         sync.Mutex
 	wakePending atomic.Bool // a wake-up to write, by whoever holds wmu next
+	ctrlPending atomic.Bool // control frames queued, to write by whoever holds wmu next
+	ctrlStuck   atomic.Bool // the last flush found the socket full
+	// ctrlMu guards ctrlQ, the control frames (grow.go) not yet written.
+	ctrlMu sync.Mutex
+	ctrlQ  []ctrlFrame
 
 	closeOnce sync.Once
 	done      chan struct{}
@@ -107,14 +123,15 @@ type Session struct {
 	readerEnd chan struct{}
 }
 
-func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region, peerPID int32, peerUID uint32, peerMaxInline uint64) *Session {
+func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region, peerPID int32, peerUID uint32, peerMaxInline, peerCap uint64) *Session {
 	s := &Session{
 		cfg: cfg, conn: conn, role: role, local: local, peer: peer,
 		localHdr: local.hdr, peerHdr: peer.hdr, peerPID: peerPID, peerUID: peerUID,
 		peerMax:    peer.geo.maxMessage,
 		inlineMax:  cfg.maxInline(),
 		peerInMax:  peerMaxInline,
-		buddy:      newBuddy(local.geo.arenaSize),
+		peerCap:    peerCap,
+		committed:  local.geo.size,
 		recvTurn:   newTurn(),
 		recvWake:   make(chan struct{}, 1),
 		inlineQ:    make(chan Message, inlineQueueLen),
@@ -125,7 +142,10 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 	s.recvLimit = min(uint64(cfg.MaxMessageSize), s.peerMax)
 	n := uint32(local.geo.slotCount)
 	s.slotWords = make([]atomic.Uint64, n)
-	s.arenaBase = addrOf(local.arena)
+	s.locals[0] = &localRegion{r: local, base: addrOf(local.arena), size: local.geo.size,
+		buddy: newBuddy(local.geo.arenaSize), active: true}
+	s.spans[0].Store(&arenaSpan{base: addrOf(local.arena), size: local.geo.arenaSize})
+	s.peerMapped.Store(peer.geo.size)
 	s.freeSlots = make([]uint32, n)
 	for i := range s.freeSlots {
 		s.freeSlots[i] = n - 1 - uint32(i)
@@ -134,6 +154,7 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 	s.waitAvg = int64(cfg.SpinTime / 2)
 	s.coarseNow.Store(time.Now().UnixNano())
 	s.life.init(func() {
+		s.unmapGrown()
 		local.unmap()
 		peer.unmap()
 	})

@@ -17,6 +17,14 @@ type Stats struct {
 	InlineSent   uint64 // messages carried on the socket (fallback)
 	InlineRecv   uint64
 	Corrupt      uint64 // sessions closed for corrupt peer input
+	// Regions (grow.go): bytes of our regions (committed) and of the
+	// peers' regions we map, over open sessions, and how many regions.
+	CommittedBytes  uint64
+	PeerMappedBytes uint64
+	Regions         int64
+	PeerRegions     int64
+	Grows, Shrinks  uint64        // regions added and released
+	GrowFallbacks   GrowFallbacks // allocations refused because regions could not grow, by reason
 }
 
 // SessionStats are one session's counters.
@@ -31,5 +39,10 @@ type SessionStats struct {
 	Sleeps                      uint64
 	InlineSent, InlineRecv      uint64
 	QuotaHits                   uint64
-	ArenaSize, ArenaFree        uint64
+	ArenaSize, ArenaFree        uint64 // of all our regions
+	CommittedBytes              uint64 // bytes of our regions (Session.Regions has each)
+	PeerMappedBytes             uint64 // bytes of the peer's regions we map
+	Regions, PeerRegions        int    // our regions and the peer's mapped, base included
+	Grows, Shrinks              uint64 // regions added and released
+	GrowFallbacks               GrowFallbacks
 }

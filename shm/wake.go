@@ -48,7 +48,7 @@ func (s *Session) peerNeedsWake() bool {
 // writes pending wake-ups before it lets go). It never blocks.
 func (s *Session) wakePeer() {
 	s.wakePending.Store(true)
-	for s.wakePending.Load() && s.wmu.TryLock() {
+	for s.writesPending() && s.wmu.TryLock() {
 		s.flushWakeLocked()
 		s.wmu.Unlock()
 	}
@@ -58,14 +58,23 @@ func (s *Session) wakePeer() {
 func (s *Session) unlockWriter() {
 	s.flushWakeLocked()
 	s.wmu.Unlock()
-	for s.wakePending.Load() && s.wmu.TryLock() {
+	for s.writesPending() && s.wmu.TryLock() {
 		s.flushWakeLocked()
 		s.wmu.Unlock()
 	}
 }
 
-// flushWakeLocked writes a pending wake-up. wmu held.
+// writesPending reports whether a wake-up or a control frame waits for the
+// writer lock's next holder. A full socket does not count: its frames are
+// retried by later writers and housekeeping, not spun on.
+func (s *Session) writesPending() bool {
+	return s.wakePending.Load() || (s.ctrlPending.Load() && !s.ctrlStuck.Load())
+}
+
+// flushWakeLocked writes a pending wake-up and queued control frames. wmu
+// held.
 func (s *Session) flushWakeLocked() {
+	s.flushCtrlLocked()
 	if !s.wakePending.Swap(false) {
 		return
 	}
@@ -83,7 +92,11 @@ func (s *Session) flushWakeLocked() {
 }
 
 // writeNonblocking makes one non-blocking write to the socket. wmu held.
-func (s *Session) writeNonblocking(b []byte) (int, error) {
+func (s *Session) writeNonblocking(b []byte) (int, error) { return s.sendNonblocking(b, nil) }
+
+// sendNonblocking makes one non-blocking write of b with the control
+// message oob (descriptors). wmu held.
+func (s *Session) sendNonblocking(b, oob []byte) (int, error) {
 	rc, err := s.conn.SyscallConn()
 	if err != nil {
 		return 0, err
@@ -91,7 +104,7 @@ func (s *Session) writeNonblocking(b []byte) (int, error) {
 	var n int
 	var werr error
 	if err := rc.Write(func(fd uintptr) bool {
-		n, werr = unix.SendmsgN(int(fd), b, nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+		n, werr = unix.SendmsgN(int(fd), b, oob, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
 		return true
 	}); err != nil {
 		return 0, err

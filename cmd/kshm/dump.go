@@ -41,6 +41,13 @@ func dump(w io.Writer, pid int, all bool) error {
 
 func dumpRegion(w io.Writer, now time.Time, r *region, all bool) {
 	i := &r.info
+	if i.Index != 0 {
+		fmt.Fprintf(w, "region fd %d (%s): grown region %d, %s side of a session with pid %d\n", r.fd, r.path, i.Index, i.Role, i.PeerPID)
+		fmt.Fprintf(w, "  created     %s (%s ago)\n", i.Created.Format(time.RFC3339Nano), age(now, i.Created))
+		fmt.Fprintf(w, "  layout      %s committed: header, arena %s (its buffers are listed in the base region's table)\n",
+			size(i.Size), size(i.ArenaSize))
+		return
+	}
 	state := "open"
 	if i.Closing {
 		state = "closing"
@@ -50,7 +57,11 @@ func dumpRegion(w io.Writer, now time.Time, r *region, all bool) {
 		i.Created.Format(time.RFC3339Nano), age(now, i.Created), heartbeat(now, i.Heartbeat), i.Sleepers)
 	fmt.Fprintf(w, "  layout      %s: header, send ring %d x 64 B, release ring %d x 8 B, buffer table %d slots x 64 B, arena %s\n",
 		size(i.Size), i.RingEntries, i.RelEntries, i.Slots, size(i.ArenaSize))
-	fmt.Fprintf(w, "  limits      max message %s, buffer quota %d\n", size(i.MaxMessage), i.Slots)
+	fmt.Fprintf(w, "  limits      max message %s, buffer quota %d, regions at most %s together\n", size(i.MaxMessage), i.Slots, size(i.MaxTotal))
+	g := &i.Growth
+	fmt.Fprintf(w, "  regions     committed %s in %d, mapped of the peer's %s in %d; grew %d times, shrank %d; fallbacks %d/%d/%d (our maximum/peer's limit/no memory)\n",
+		size(max(g.Committed, i.Size)), max(g.Regions, 1), size(g.PeerMapped), g.PeerRegions, g.Grows, g.Shrinks,
+		g.FallbackLimit, g.FallbackPeer, g.FallbackMemory)
 	fmt.Fprintf(w, "  send ring   %d messages published; peer's ring consumed up to %d\n", i.RingTail, i.PeerRingHead)
 	fmt.Fprintf(w, "  releases    %d peer buffers released; %d of ours got back\n", i.RelTail, i.PeerRelHead)
 	c := &i.Counters
@@ -64,7 +75,9 @@ func dumpRegion(w io.Writer, now time.Time, r *region, all bool) {
 		for _, b := range i.Buffers {
 			fmt.Fprintf(w, "  slot %d: %s, offset %#x, size %d, length %d, message id %d, aux %d, age %s\n",
 				b.Slot, holder(i, b), b.Offset, b.Size, b.Len, b.ID, b.Aux, age(now, b.Since))
-			if b.Data == nil {
+			if b.Region != 0 {
+				fmt.Fprintf(w, "    (in grown region %d: not shown)\n", b.Region)
+			} else if b.Data == nil {
 				fmt.Fprintf(w, "    (offset and length outside the arena: not shown)\n")
 				continue
 			}

@@ -24,9 +24,14 @@ func stats(w io.Writer, pid int) error {
 	}
 	var total shm.RegionCounters
 	open, closing, clients, servers, bad := 0, 0, 0, 0, 0
+	grown := 0
 	for _, r := range rs {
 		if r.err != nil {
 			bad++
+			continue
+		}
+		if r.info.Index != 0 {
+			grown++ // a grown region of a session, not a session
 			continue
 		}
 		switch r.info.Role {
@@ -42,7 +47,10 @@ func stats(w io.Writer, pid int) error {
 		}
 		add(&total, &r.info.Counters)
 	}
-	fmt.Fprintf(w, "pid %d: %d kshm sessions (%d client side, %d server side)", pid, len(rs)-bad, clients, servers)
+	fmt.Fprintf(w, "pid %d: %d kshm sessions (%d client side, %d server side)", pid, len(rs)-bad-grown, clients, servers)
+	if grown > 0 {
+		fmt.Fprintf(w, ", %d grown regions", grown)
+	}
 	if closing > 0 {
 		fmt.Fprintf(w, ", %d closing", closing)
 	}
@@ -57,6 +65,11 @@ func stats(w io.Writer, pid int) error {
 			continue
 		}
 		i := &r.info
+		if i.Index != 0 {
+			fmt.Fprintf(w, "grown region fd %d: index %d of a %s-side session with peer pid %d, %s committed (%s arena), up %s\n",
+				r.fd, i.Index, i.Role, i.PeerPID, size(i.Size), size(i.ArenaSize), age(now, i.Created))
+			continue
+		}
 		state := "open"
 		if i.Closing {
 			state = "closing"
@@ -64,9 +77,10 @@ func stats(w io.Writer, pid int) error {
 		fmt.Fprintf(w, "session fd %d: %s side, peer pid %d, %s, up %s, %s\n",
 			r.fd, i.Role, i.PeerPID, state, age(now, i.Created), heartbeat(now, i.Heartbeat))
 		writeCounters(w, &i.Counters, i.ArenaSize)
+		writeGrowth(w, i)
 	}
-	if len(rs)-bad > 1 {
-		fmt.Fprintf(w, "\ntotal of %d sessions:\n", len(rs)-bad)
+	if len(rs)-bad-grown > 1 {
+		fmt.Fprintf(w, "\ntotal of %d sessions:\n", len(rs)-bad-grown)
 		writeCounters(w, &total, 0)
 	}
 	return nil
@@ -88,6 +102,20 @@ func writeCounters(w io.Writer, c *shm.RegionCounters, arena uint64) {
 	}
 	fmt.Fprintf(w, "  wake-ups   sent %d, saved %d (%.1f%% of sends needed no syscall), receiver slept %d times\n",
 		c.WakeupsSent, c.WakeupsSaved, pct, c.Sleeps)
+}
+
+// writeGrowth prints a session's regions: committed and mapped bytes, and
+// its growth.
+func writeGrowth(w io.Writer, i *shm.RegionInfo) {
+	g := &i.Growth
+	committed := g.Committed
+	if committed == 0 {
+		committed = i.Size // before the first housekeeping pass
+	}
+	fmt.Fprintf(w, "  regions    committed %s in %d (base %s, at most %s), mapped of the peer's %s in %d\n",
+		size(committed), max(g.Regions, 1), size(i.Size), size(i.MaxTotal), size(g.PeerMapped), g.PeerRegions)
+	fmt.Fprintf(w, "  growth     grew %d times, shrank %d; fallbacks: at our maximum %d, at the peer's limit %d, no memory %d\n",
+		g.Grows, g.Shrinks, g.FallbackLimit, g.FallbackPeer, g.FallbackMemory)
 }
 
 func add(t, c *shm.RegionCounters) {

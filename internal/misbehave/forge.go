@@ -28,7 +28,7 @@ const (
 	blockSize    = 512
 	pageSize     = 4096
 	regionMagic  = 0x314745524d48534b // "KSHMREG1"
-	layoutVer    = 1
+	layoutVer    = 2
 	roleClient   = 1
 	frameHdrSize = 8
 
@@ -344,6 +344,57 @@ func (f *Forger) writeHeader(maxMessage uint64, peerPID uint32) {
 	le.PutUint64(h[96:], uint64(time.Now().UnixNano()))
 	le.PutUint32(h[104:], roleClient)
 	le.PutUint32(h[108:], peerPID)
+	le.PutUint64(h[120:], g.size) // MaxTotal: the forger's regions never grow on their own
+}
+
+// FrameGrow announces a grown region (index u32, 0 u32, size u64) with its
+// memfd.
+const FrameGrow = 5
+
+// AnnounceRegion makes a grown region of size bytes with the given index, as
+// the engine would (reserved, sealed against resizing, a valid grown header
+// claiming maxTotal bytes of regions at most), and announces it with a
+// frameGrow carrying its memfd. The forger keeps no mapping of it.
+func (f *Forger) AnnounceRegion(index uint32, size, maxTotal uint64) error {
+	fd, err := unix.MemfdCreate("kshm-forged", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		return err
+	}
+	if err := unix.Fallocate(fd, 0, 0, int64(size)); err != nil {
+		return err
+	}
+	h := make([]byte, headerSize)
+	le := binary.LittleEndian
+	le.PutUint64(h[0:], regionMagic)
+	le.PutUint32(h[8:], layoutVer)
+	le.PutUint32(h[12:], headerSize)
+	le.PutUint64(h[16:], size)
+	le.PutUint32(h[36:], descSize)
+	le.PutUint64(h[64:], headerSize)
+	le.PutUint64(h[72:], (size-headerSize)/blockSize*blockSize)
+	le.PutUint64(h[80:], 64<<10)
+	le.PutUint32(h[88:], blockSize)
+	le.PutUint32(h[92:], uint32(os.Getpid()))
+	le.PutUint32(h[104:], roleClient)
+	le.PutUint32(h[112:], index)
+	le.PutUint64(h[120:], maxTotal)
+	if _, err := unix.Pwrite(fd, h, 0); err != nil {
+		return err
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW); err != nil {
+		return err
+	}
+	b := make([]byte, frameHdrSize+16)
+	b[0] = FrameGrow
+	le.PutUint32(b[4:], 16)
+	le.PutUint32(b[frameHdrSize:], index)
+	le.PutUint64(b[frameHdrSize+8:], size)
+	_, _, err = f.Conn.WriteMsgUnix(b, unix.UnixRights(fd), nil)
+	return err
 }
 
 // Header returns the raw bytes of the forger's region header, writable.
