@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -29,6 +30,8 @@ import (
 	"github.com/shmkit/kshm/internal/pbtest/kitex_gen/kshmpb"
 	"github.com/shmkit/kshm/internal/pbtest/kitex_gen/kshmpb/pbecho"
 	"github.com/shmkit/kshm/internal/pbtest/kitex_gen/kshmpb/pbstream"
+	"github.com/shmkit/kshm/internal/pbtest/kitex_gen/kshmtt"
+	"github.com/shmkit/kshm/internal/pbtest/kitex_gen/kshmtt/ttstream"
 	"github.com/shmkit/kshm/internal/shmtest"
 	"github.com/shmkit/kshm/transport"
 )
@@ -103,7 +106,31 @@ func (*streamImpl) EchoBidi(stream kshmpb.PBStream_EchoBidiServer) error {
 	}
 }
 
-// runServer serves PBEcho (unary) and PBStream (bidirectional streaming) on
+type ttStreamImpl struct{}
+
+func (*ttStreamImpl) TTEchoBidi(ctx context.Context, stream kshmtt.TTStream_TTEchoBidiServer) error {
+	network := fromNetwork(ctx)
+	for {
+		req, err := stream.Recv(ctx)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		resp := &kshmtt.StreamResponse{
+			Payload: transform(req.Payload),
+			Message: "tt:" + req.Message + " pid=" + strconv.Itoa(os.Getpid()) + " net=" + network,
+			Seq:     req.Seq,
+		}
+		if err := stream.Send(ctx, resp); err != nil {
+			return err
+		}
+	}
+}
+
+// runServer serves PBEcho (unary), PBStream (gRPC bidirectional streaming)
+// and TTStream (TTHeader bidirectional streaming, Thrift) on
 // a TCP port of 127.0.0.1 with kshm on the unix socket KSHM_PB_SOCK. It
 // prints "ready <tcp address>" and runs until killed (or SIGTERM, which
 // Kitex handles with a graceful stop).
@@ -120,6 +147,10 @@ func runServer() int {
 		kshm.WithServerShmIPC(kshm.WithSocketPath(sock)),
 	)
 	if err := pbstream.RegisterService(svr, &streamImpl{}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if err := ttstream.RegisterService(svr, &ttStreamImpl{}); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
@@ -228,6 +259,7 @@ func TestProtobufOverShm(t *testing.T) {
 	p, addr, sock := startServer(t)
 	pid := p.Cmd.Process.Pid
 	c := newShmClient(t, addr, sock)
+	defer runtime.KeepAlive(c)
 
 	before := kshm.ReadStats()
 	r := rand.New(rand.NewSource(1))
@@ -296,6 +328,10 @@ func TestGRPCStreamingBesideShm(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Kitex closes a client's connection pool when the client is garbage
+	// collected: keep both alive while their streams and calls run.
+	defer runtime.KeepAlive(sc)
+	defer runtime.KeepAlive(uc)
 
 	var wg sync.WaitGroup
 	unaryErr := make(chan error, 1)
@@ -307,7 +343,11 @@ func TestGRPCStreamingBesideShm(t *testing.T) {
 		for i := int64(1); ; i++ {
 			select {
 			case <-stop:
-				unaryErr <- nil
+				if i == 1 {
+					unaryErr <- errors.New("no unary call finished while the streams ran")
+				} else {
+					unaryErr <- nil
+				}
 				return
 			default:
 			}
@@ -387,6 +427,75 @@ func runStream(sc pbstream.Client, pid, s, msgs int) error {
 	}
 	if _, err := st.Recv(); !errors.Is(err, io.EOF) {
 		return fmt.Errorf("stream %d: Recv after Close: %v, want EOF", s, err)
+	}
+	return nil
+}
+
+// TestTTHeaderStreamingBesideShm: the same for TTHeader streaming (Thrift:
+// Kitex v0.16.3 carries no Protobuf over TTHeader streaming): a plain Kitex
+// TTHeader streaming client reaches the kshm server on its TCP address
+// while a kshm client's unary calls go over shared memory.
+func TestTTHeaderStreamingBesideShm(t *testing.T) {
+	p, addr, sock := startServer(t)
+	pid := p.Cmd.Process.Pid
+	uc := newShmClient(t, addr, sock)
+	sc, err := ttstream.NewClient(serviceName, client.WithHostPorts(addr)) // TTHeader streaming (the generated default)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer runtime.KeepAlive(sc) // see TestGRPCStreamingBesideShm
+	defer runtime.KeepAlive(uc)
+	checkUnary(t, uc, pid, 1, payload(rand.New(rand.NewSource(3)), 10<<10))
+	const streams, msgs = 3, 20
+	errs := make(chan error, streams)
+	for s := 0; s < streams; s++ {
+		go func(s int) { errs <- runTTStream(sc, pid, s, msgs) }(s)
+	}
+	// kshm unary calls while the streams run.
+	r := rand.New(rand.NewSource(4))
+	for i := int64(2); i < 40; i++ {
+		checkUnary(t, uc, pid, i, payload(r, r.Intn(16<<10)))
+	}
+	for s := 0; s < streams; s++ {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	checkUnary(t, uc, pid, 1<<40, payload(r, 200<<10))
+}
+
+func runTTStream(sc ttstream.Client, pid, s, msgs int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	st, err := sc.TTEchoBidi(ctx)
+	if err != nil {
+		return fmt.Errorf("tt stream %d: TTEchoBidi: %w", s, err)
+	}
+	r := rand.New(rand.NewSource(int64(s) + 70))
+	for i := 0; i < msgs; i++ {
+		seq := int64(s*1000 + i)
+		pl := payload(r, r.Intn(64<<10))
+		msg := "t" + strconv.FormatInt(seq, 10)
+		if err := st.Send(ctx, &kshmtt.StreamRequest{Payload: pl, Message: msg, Seq: seq}); err != nil {
+			return fmt.Errorf("tt stream %d: Send %d: %w", s, i, err)
+		}
+		resp, err := st.Recv(ctx)
+		if err != nil {
+			return fmt.Errorf("tt stream %d: Recv %d: %w", s, i, err)
+		}
+		if !bytes.Equal(resp.Payload, transform(pl)) {
+			return fmt.Errorf("tt stream %d msg %d: payload of %d bytes differs", s, i, len(resp.Payload))
+		}
+		want := "tt:" + msg + " pid=" + strconv.Itoa(pid) + " net=tcp"
+		if resp.Message != want || resp.Seq != seq {
+			return fmt.Errorf("tt stream %d msg %d: got %q seq %d, want %q seq %d", s, i, resp.Message, resp.Seq, want, seq)
+		}
+	}
+	if err := st.CloseSend(ctx); err != nil {
+		return fmt.Errorf("tt stream %d: CloseSend: %w", s, err)
+	}
+	if _, err := st.Recv(ctx); !errors.Is(err, io.EOF) {
+		return fmt.Errorf("tt stream %d: Recv after CloseSend: %v, want EOF", s, err)
 	}
 	return nil
 }
