@@ -5,6 +5,7 @@ go 1.26.0
 require (
 	github.com/cloudwego/gopkg v0.2.0
 	github.com/cloudwego/kitex v0.16.3
+	github.com/cloudwego/prutal v0.1.3
 )
 
 require (
