@@ -34,6 +34,8 @@ func TestMain(m *testing.M) {
 		os.Exit(childGrowClient())
 	case "grow-server":
 		os.Exit(childGrowServer())
+	case "fleet-client":
+		os.Exit(childFleetClient())
 	default:
 		fmt.Fprintln(os.Stderr, "unknown child role", shmtest.Role())
 		os.Exit(2)
