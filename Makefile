@@ -12,11 +12,13 @@ build:
 	$(GO) build -o bin/kshm ./cmd/kshm
 
 # vet, the whole suite under the race detector (fuzz targets run on their
-# seed corpus as part of it), and the benchmark module's own tests.
+# seed corpus as part of it), the benchmark and prometheus modules' own
+# tests, and the registry test with a real etcd.
 test: vet
 	$(GO) test -race -count=1 -timeout 30m ./...
 	cd benchmark && $(GO) test -race -count=1 -timeout 10m ./...
 	cd prometheus && $(GO) test -race -count=1 -timeout 5m ./...
+	$(MAKE) test-registry
 
 # kshm with a real registry: embedded etcd, one kshm and one plain instance
 # (its own module, so that etcd stays out of kshm's go.mod; building etcd
