@@ -104,7 +104,7 @@ func WithPollInterval(d time.Duration) Option {
 }
 
 // WithSessions sets how many sessions a client keeps to its socket path
-// (default 1; each has its own regions and dispatcher).
+// (default 1; each has its own regions and receive roles).
 func WithSessions(n int) Option {
 	return Option{"WithSessions", clientSide, func(c *transport.Config) { c.Sessions = n }}
 }
