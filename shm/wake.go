@@ -137,17 +137,22 @@ func (s *Session) sleep(ctx context.Context) error {
 }
 
 // pause lets others run between polls: other goroutines of this process
-// when some wait for a processor, and other threads of the machine (the
-// peer, when it shares our core) every 256th time when the machine has more
-// runnable threads than CPUs. With nothing else runnable it does neither: a
-// Gosched or sched_yield would only add a trip through a scheduler.
+// when some wait for a processor and none is idle, and other threads of the
+// machine (the peer, when it shares our core) every 256th time when the
+// machine has more runnable threads than CPUs. With nothing else runnable it
+// does neither: a Gosched or sched_yield would only add a trip through a
+// scheduler. Gosched is never used while a processor is idle: the runtime
+// already woke a thread for the waiting goroutine, and Gosched would wake
+// another (goschedImpl calls wakep), a context switch per pause.
 func (s *Session) pause(i int) {
 	if i&255 == 0 && sched.cpuBusy.Load() {
 		osYield()
 		return
 	}
-	if sched.goRun.Load() {
+	if sched.goWant.Load() {
 		runtime.Gosched()
+		sched.goWant.Store(false) // until a fresh sample says so again
+		sched.goNext.Store(0)
 	}
 }
 

@@ -109,3 +109,22 @@ func TestSched_SamplingAllocatesNothing(t *testing.T) {
 		t.Fatalf("a scheduler sample allocates %v times", allocs)
 	}
 }
+
+func TestProcessorWanted(t *testing.T) {
+	for _, c := range []struct {
+		runnable, running, notInGo, procs uint64
+		want                              bool
+	}{
+		{0, 2, 0, 2, false}, // nothing waits
+		{1, 1, 0, 2, false}, // a processor is idle: the runtime wakes a thread for it
+		{1, 2, 0, 2, true},  // every processor busy
+		{1, 1, 1, 2, true},  // one busy in a system call
+		{3, 1, 0, 1, true},
+		{1, 0, 0, 1, false},
+	} {
+		if got := processorWanted(c.runnable, c.running, c.notInGo, c.procs); got != c.want {
+			t.Errorf("processorWanted(runnable %d, running %d, not in Go %d, procs %d) = %v, want %v",
+				c.runnable, c.running, c.notInGo, c.procs, got, c.want)
+		}
+	}
+}

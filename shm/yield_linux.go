@@ -17,13 +17,15 @@ func osYield() { syscall.Syscall(syscall.SYS_SCHED_YIELD, 0, 0, 0) }
 // schedLoad tells pollers how busy the schedulers are, from samples taken
 // at most every goSampleEvery (the Go scheduler, runtime/metrics) and
 // cpuSampleEvery (the machine's, /proc/loadavg), by whichever poller asks
-// first. Reading it costs two atomic loads.
+// first. Reading it costs two atomic loads; a Go sample (runtime/metrics,
+// three scheduler metrics) costs about 120 ns, so it is taken often enough
+// that a Gosched decision is never older than a few microseconds.
 type schedLoad struct {
 	mu      sync.Mutex   // guards sample and the refreshes
 	goNext  atomic.Int64 // unix nanoseconds of the next refresh of each
 	cpuNext atomic.Int64
 	goBusy  atomic.Bool // more goroutines runnable than GOMAXPROCS
-	goRun   atomic.Bool // some goroutine runnable (waiting for a P)
+	goWant  atomic.Bool // some goroutine runnable and no processor idle
 	cpuBusy atomic.Bool // more threads runnable on the machine than CPUs
 	sample  []metrics.Sample
 	loadavg int       // descriptor of /proc/loadavg: 0 not yet open, -1 unavailable
@@ -31,12 +33,14 @@ type schedLoad struct {
 }
 
 const (
-	goSampleEvery  = 50 * time.Microsecond
+	goSampleEvery  = 2 * time.Microsecond
 	cpuSampleEvery = time.Millisecond
 	runnableMetric = "/sched/goroutines/runnable:goroutines"
+	runningMetric  = "/sched/goroutines/running:goroutines"
+	notInGoMetric  = "/sched/goroutines/not-in-go:goroutines"
 )
 
-var sched = schedLoad{sample: []metrics.Sample{{Name: runnableMetric}}}
+var sched = schedLoad{sample: []metrics.Sample{{Name: runnableMetric}, {Name: runningMetric}, {Name: notInGoMetric}}}
 
 // refresh takes new samples if they are due. now is unix nanoseconds.
 func (l *schedLoad) refresh(now int64) {
@@ -47,10 +51,16 @@ func (l *schedLoad) refresh(now int64) {
 	if now >= l.goNext.Load() {
 		l.goNext.Store(now + int64(goSampleEvery))
 		metrics.Read(l.sample)
-		if v := l.sample[0].Value; v.Kind() == metrics.KindUint64 {
-			n := v.Uint64()
-			l.goBusy.Store(n > uint64(runtime.GOMAXPROCS(0)))
-			l.goRun.Store(n > 0)
+		procs := uint64(runtime.GOMAXPROCS(0))
+		runnable, okRunnable := sampleUint(l.sample[0])
+		running, okRunning := sampleUint(l.sample[1])
+		notInGo, _ := sampleUint(l.sample[2])
+		if okRunnable {
+			l.goBusy.Store(runnable > procs)
+			if !okRunning {
+				running = procs // unknown: assume every processor busy
+			}
+			l.goWant.Store(processorWanted(runnable, running, notInGo, procs))
 		}
 	}
 	if now >= l.cpuNext.Load() {
@@ -61,6 +71,22 @@ func (l *schedLoad) refresh(now int64) {
 			l.cpuBusy.Store(true) // unknown: yield as before
 		}
 	}
+}
+
+// processorWanted reports whether a runnable goroutine waits with no idle
+// processor to run it: only then does giving up ours help. A goroutine made
+// runnable while a processor is idle gets one without our help (the runtime
+// woke a thread for it when it readied it). Processors of goroutines in
+// system calls count as busy.
+func processorWanted(runnable, running, notInGo, procs uint64) bool {
+	return runnable > 0 && running+notInGo >= procs
+}
+
+func sampleUint(s metrics.Sample) (uint64, bool) {
+	if s.Value.Kind() != metrics.KindUint64 {
+		return 0, false
+	}
+	return s.Value.Uint64(), true
 }
 
 // machineRunnable is the number of threads runnable on the machine now

@@ -58,7 +58,7 @@ func dialKitex(x *kitexExtra) func(p params) (clientSide, error) {
 		opts := []client.Option{
 			client.WithHostPorts(kitexAddr(p, x).String()),
 			client.WithTransportProtocol(transport.TTHeaderFramed),
-			client.WithRPCTimeout(30 * time.Second),
+			client.WithRPCTimeout(benchRPCTimeout()),
 			client.WithConnectTimeout(5 * time.Second),
 			client.WithLongConnection(connpool.IdleConfig{
 				MinIdlePerAddress: 0,
@@ -202,4 +202,17 @@ func (s *kitexServer) close() error {
 	case <-time.After(5 * time.Second):
 	}
 	return nil
+}
+
+// benchRPCTimeout is the Kitex client's RPC timeout: 30 s unless
+// KSHM_BENCH_RPCTIMEOUT sets another (0: none). With a timeout, Kitex runs
+// every call on a worker goroutine of its timeout pool (client/rpctimeout.go);
+// without one, on the caller's goroutine.
+func benchRPCTimeout() time.Duration {
+	if v := os.Getenv("KSHM_BENCH_RPCTIMEOUT"); v != "" {
+		if d, err := time.ParseDuration(v); err == nil {
+			return d
+		}
+	}
+	return 30 * time.Second
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/pprof"
+	"runtime/trace"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,14 +22,32 @@ import (
 //	client: orchestrator "start"; "warm" -> "go"; "end" -> "stop"; then "result <json>" (or "error <text>" at any time)
 
 // With KSHM_BENCH_CPUPROFILE=dir, every server and client process writes a
-// CPU profile of its measurement window to dir/<role>-<transport>-<size>-c<conc>-<pid>.prof.
+// CPU profile of its measurement window to dir/<role>-<transport>-<size>-c<conc>-<pid>.prof;
+// with KSHM_BENCH_TRACE=dir, a runtime execution trace of the same window to
+// dir/<role>-<transport>-<size>-c<conc>-<pid>.trace (`go tool trace`).
 var profileName string
+
+var traceFile *os.File
 
 func setProfileName(o options) {
 	profileName = fmt.Sprintf("%s-%d-c%d", strings.ReplaceAll(o.transport, "/", "-"), o.size, o.conc)
 }
 
 func startProfile(role string) {
+	if dir := os.Getenv("KSHM_BENCH_TRACE"); dir != "" {
+		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("%s-%s-%d.trace", role, profileName, os.Getpid())))
+		if err == nil {
+			err = trace.Start(f)
+			if err != nil {
+				f.Close()
+			} else {
+				traceFile = f
+			}
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "trace: %v\n", err)
+		}
+	}
 	dir := os.Getenv("KSHM_BENCH_CPUPROFILE")
 	if dir == "" {
 		return
@@ -45,6 +64,11 @@ func startProfile(role string) {
 }
 
 func stopProfile() {
+	if traceFile != nil {
+		trace.Stop()
+		traceFile.Close()
+		traceFile = nil
+	}
 	if os.Getenv("KSHM_BENCH_CPUPROFILE") != "" {
 		pprof.StopCPUProfile()
 	}
