@@ -23,10 +23,19 @@ import (
 // The handler checks every byte of the request payload and overwrites every
 // byte of it with the response pattern, which it returns as the response
 // payload (Kitex decodes binaries into fresh copies, so this is safe).
+//
+// The client has Kitex's default configuration, no RPC timeout, so a call
+// runs on the caller's goroutine. The "-rpctimeout" variants set one
+// (client.WithRPCTimeout), as most production clients do: Kitex then runs
+// every call on a worker goroutine of its timeout pool
+// (kitex/client/rpctimeout.go), two goroutine hand-offs per call whatever
+// the transport, and the pair kshm-rpctimeout / netpoll-uds-rpctimeout shows
+// what that costs each.
 func kitexTransports() []transportDef {
 	ts := []transportDef{
 		{layer: "kitex", name: "netpoll-uds", dial: dialKitex(nil), serve: serveKitex(nil)},
 		{layer: "kitex", name: "netpoll-tcp", tcp: true, dial: dialKitex(nil), serve: serveKitex(nil)},
+		{layer: "kitex", name: "netpoll-uds-rpctimeout", dial: dialKitex(&kitexExtra{rpcTimeout: rpcTimeoutVariant}), serve: serveKitex(nil)},
 	}
 	return append(kitexKshmTransports(), ts...)
 }
@@ -39,7 +48,13 @@ type kitexExtra struct {
 	client      func(p params) []client.Option
 	server      func(p params) []server.Option
 	fallbacks   func() uint64
+	// rpcTimeout is the client's RPC timeout (0: none, Kitex's default).
+	rpcTimeout time.Duration
 }
+
+// rpcTimeoutVariant is the RPC timeout of the "-rpctimeout" variants: long
+// enough never to fire.
+const rpcTimeoutVariant = 30 * time.Second
 
 func kitexAddr(p params, x *kitexExtra) net.Addr {
 	addr := p.sock
@@ -58,7 +73,6 @@ func dialKitex(x *kitexExtra) func(p params) (clientSide, error) {
 		opts := []client.Option{
 			client.WithHostPorts(kitexAddr(p, x).String()),
 			client.WithTransportProtocol(transport.TTHeaderFramed),
-			client.WithRPCTimeout(benchRPCTimeout()),
 			client.WithConnectTimeout(5 * time.Second),
 			client.WithLongConnection(connpool.IdleConfig{
 				MinIdlePerAddress: 0,
@@ -66,6 +80,9 @@ func dialKitex(x *kitexExtra) func(p params) (clientSide, error) {
 				MaxIdleGlobal:     p.conc + 1,
 				MaxIdleTimeout:    time.Minute,
 			}),
+		}
+		if x != nil && x.rpcTimeout > 0 {
+			opts = append(opts, client.WithRPCTimeout(x.rpcTimeout))
 		}
 		if x != nil && x.client != nil {
 			opts = append(opts, x.client(p)...)
@@ -202,17 +219,4 @@ func (s *kitexServer) close() error {
 	case <-time.After(5 * time.Second):
 	}
 	return nil
-}
-
-// benchRPCTimeout is the Kitex client's RPC timeout: 30 s unless
-// KSHM_BENCH_RPCTIMEOUT sets another (0: none). With a timeout, Kitex runs
-// every call on a worker goroutine of its timeout pool (client/rpctimeout.go);
-// without one, on the caller's goroutine.
-func benchRPCTimeout() time.Duration {
-	if v := os.Getenv("KSHM_BENCH_RPCTIMEOUT"); v != "" {
-		if d, err := time.ParseDuration(v); err == nil {
-			return d
-		}
-	}
-	return 30 * time.Second
 }

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"time"
+
 	"github.com/cloudwego/kitex/client"
 	"github.com/cloudwego/kitex/server"
 
@@ -13,8 +15,9 @@ import (
 // payload plus room for the TTHeader and Thrift framing, so that no call
 // falls back for being too large, and the regions hold every call in flight.
 func kitexKshmTransports() []transportDef {
-	mk := func(name string, mode kshm.WakeMode) transportDef {
+	mk := func(name string, mode kshm.WakeMode, rpcTimeout time.Duration) transportDef {
 		x := &kitexExtra{
+			rpcTimeout:  rpcTimeout,
 			netpollAddr: func(p params) string { return p.sock + ".netpoll" },
 			client: func(p params) []client.Option {
 				return []client.Option{kshm.WithClientShmIPC(kitexShmOptions(p, mode)...)}
@@ -27,9 +30,10 @@ func kitexKshmTransports() []transportDef {
 		return transportDef{layer: "kitex", name: name, dial: dialKitex(x), serve: serveKitex(x)}
 	}
 	return []transportDef{
-		mk("kshm", kshm.WakeNotify),
-		mk("kshm-poll", kshm.WakePoll),
-		mk("kshm-timed", kshm.WakeTimed),
+		mk("kshm", kshm.WakeNotify, 0),
+		mk("kshm-poll", kshm.WakePoll, 0),
+		mk("kshm-timed", kshm.WakeTimed, 0),
+		mk("kshm-rpctimeout", kshm.WakeNotify, rpcTimeoutVariant),
 	}
 }
 

@@ -50,7 +50,7 @@ func modeSettings(o options) (settings, error) {
 	case "quick":
 		s = settings{rounds: 3, minCalls: 10, maxWindow: 300 * time.Millisecond,
 			warmup: 20 * time.Millisecond, duration: 80 * time.Millisecond,
-			kitexTransports: []string{"kshm", "netpoll-uds", "netpoll-tcp"},
+			kitexTransports: []string{"kshm", "netpoll-uds", "netpoll-tcp", "kshm-rpctimeout", "netpoll-uds-rpctimeout"},
 			kitexSizes:      []int{64, 16 << 10, 1 << 20},
 			// 1 KiB and 4 MiB are left to the full run: with the warm-ups a
 			// loaded 2-vCPU machine took 5.5 minutes for every size.

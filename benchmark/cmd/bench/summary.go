@@ -10,6 +10,18 @@ import (
 // summaryBaselines are the baselines kshm is compared with in the summary.
 var summaryBaselines = map[string][]string{"engine": {"uds", "shmipc-go"}, "kitex": {"netpoll-uds", "netpoll-tcp"}}
 
+// summaryPairs: each kshm transport compared in the summary, with its
+// baselines (the RPC-timeout variant against netpoll's).
+func summaryPairs(layer, transport string) []string {
+	switch transport {
+	case "kshm":
+		return summaryBaselines[layer]
+	case "kshm-rpctimeout":
+		return []string{"netpoll-uds-rpctimeout"}
+	}
+	return nil
+}
+
 // printSummary prints, for every case at concurrency 1 and 16, each
 // transport's medians with the values of every round, and kshm's ratio to
 // each baseline round by round (the two ran back to back in each round, so
@@ -63,10 +75,7 @@ func printSummary(w io.Writer, recs []record) {
 			tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 			header := false
 			for _, r := range rows {
-				if r.Transport != "kshm" {
-					continue
-				}
-				for _, base := range summaryBaselines[layer] {
+				for _, base := range summaryPairs(layer, r.Transport) {
 					b, ok := by[key{layer, base, r.Size, conc}]
 					if !ok {
 						continue
@@ -77,7 +86,7 @@ func printSummary(w io.Writer, recs []record) {
 					}
 					pr, ps := roundRatios(r.P50Rounds, b.P50Rounds)
 					cr, cs := roundRatios(r.CPURounds, b.CPURounds)
-					fmt.Fprintf(tw, "kshm / %s\t%s\t%s %s ±%.0f%%\t%s %s ±%.0f%%\t%.2f vs %.2f\t\n", base, sizeName(r.Size),
+					fmt.Fprintf(tw, "%s / %s\t%s\t%s %s ±%.0f%%\t%s %s ±%.0f%%\t%.2f vs %.2f\t\n", r.Transport, base, sizeName(r.Size),
 						ratioStr(r.P50US, b.P50US), pr, ps*50, ratioStr(r.CPUUSPerCall, b.CPUUSPerCall), cr, cs*50,
 						r.CSWPerCall, b.CSWPerCall)
 				}

@@ -264,7 +264,10 @@ func (d *data) layerSection(b *strings.Builder, layer string, charts []chart) {
 	} else {
 		b.WriteString("The same kitex-generated EchoService client and handler over each transport (TTHeaderFramed, a " +
 			"long-connection pool holding one connection per concurrent caller); the handler verifies the request payload and " +
-			"returns a response payload of the same size.\n\n")
+			"returns a response payload of the same size. The clients have Kitex's default configuration, no RPC timeout, so " +
+			"a call runs on the caller's goroutine. The `-rpctimeout` pair sets one (client.WithRPCTimeout), as most " +
+			"production clients do: Kitex then runs every call on a worker goroutine of its timeout pool, two goroutine " +
+			"hand-offs per call whatever the transport, and `kshm-rpctimeout` is compared with `netpoll-uds-rpctimeout`.\n\n")
 	}
 	for _, c := range charts {
 		fmt.Fprintf(b, "![%s](%s)\n\n", c.title, c.file)
@@ -335,7 +338,7 @@ func (d *data) layerSection(b *strings.Builder, layer string, charts []chart) {
 			if !strings.HasPrefix(k, "kshm") {
 				continue
 			}
-			for _, base := range baselines[layer] {
+			for _, base := range baselinesFor(layer, k) {
 				if hasTransport(ts, base) {
 					pairs = append(pairs, [2]string{k, base})
 				}

@@ -126,9 +126,18 @@ func Load(path string) ([]Record, error) {
 // Transport orders: kshm first, then the baselines.
 var (
 	engineOrder = []string{"kshm", "kshm-poll", "kshm-timed", "uds", "shmipc-go"}
-	kitexOrder  = []string{"kshm", "kshm-poll", "kshm-timed", "netpoll-uds", "netpoll-tcp"}
+	kitexOrder  = []string{"kshm", "kshm-poll", "kshm-timed", "netpoll-uds", "netpoll-tcp", "kshm-rpctimeout", "netpoll-uds-rpctimeout"}
 	baselines   = map[string][]string{"engine": {"uds", "shmipc-go"}, "kitex": {"netpoll-uds", "netpoll-tcp"}}
 )
+
+// baselinesFor are the baselines a kshm transport is compared with: the
+// Kitex RPC-timeout variant with netpoll's, every other with the layer's.
+func baselinesFor(layer, transport string) []string {
+	if transport == "kshm-rpctimeout" {
+		return []string{"netpoll-uds-rpctimeout"}
+	}
+	return baselines[layer]
+}
 
 type key struct {
 	layer, transport string
