@@ -48,6 +48,7 @@ type clientConn struct {
 	callID   uint64
 	deadline time.Time
 	timer    *time.Timer
+	recvCtx  deadlineCtx // receive's context while the deadline is set
 	msg      shm.Message // the response being decoded; released by the read buffer
 
 	// The waiter's state, guarded by cs.mu.
@@ -207,9 +208,9 @@ func (c *clientConn) receive() (*shm.Session, *shm.Message, error) {
 	cs := c.cs
 	ctx := context.Background()
 	if !c.deadline.IsZero() {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithDeadline(ctx, c.deadline)
-		defer cancel()
+		c.recvCtx.arm(c.deadline)
+		defer c.recvCtx.disarm()
+		ctx = &c.recvCtx
 	}
 	for {
 		m, err := cs.s.Recv(ctx)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"runtime/pprof"
 	"runtime/trace"
 	"strings"
@@ -24,16 +25,34 @@ import (
 // With KSHM_BENCH_CPUPROFILE=dir, every server and client process writes a
 // CPU profile of its measurement window to dir/<role>-<transport>-<size>-c<conc>-<pid>.prof;
 // with KSHM_BENCH_TRACE=dir, a runtime execution trace of the same window to
-// dir/<role>-<transport>-<size>-c<conc>-<pid>.trace (`go tool trace`).
+// dir/<role>-<transport>-<size>-c<conc>-<pid>.trace (`go tool trace`);
+// with KSHM_BENCH_MEMPROFILE=dir, the allocations of the window, every one
+// sampled, to dir/<role>-<transport>-<size>-c<conc>-<pid>.mprof
+// (`go tool pprof -sample_index=alloc_objects`).
 var profileName string
 
-var traceFile *os.File
+func init() {
+	// Every allocation sampled; set before the first, as the runtime
+	// requires. The profile written covers the whole process (warm-up
+	// included), so compare its per-call numbers over a long window.
+	if os.Getenv("KSHM_BENCH_MEMPROFILE") != "" {
+		runtime.MemProfileRate = 1
+	}
+}
+
+var (
+	traceFile      *os.File
+	memProfilePath string
+)
 
 func setProfileName(o options) {
 	profileName = fmt.Sprintf("%s-%d-c%d", strings.ReplaceAll(o.transport, "/", "-"), o.size, o.conc)
 }
 
 func startProfile(role string) {
+	if dir := os.Getenv("KSHM_BENCH_MEMPROFILE"); dir != "" {
+		memProfilePath = filepath.Join(dir, fmt.Sprintf("%s-%s-%d.mprof", role, profileName, os.Getpid()))
+	}
 	if dir := os.Getenv("KSHM_BENCH_TRACE"); dir != "" {
 		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("%s-%s-%d.trace", role, profileName, os.Getpid())))
 		if err == nil {
@@ -64,6 +83,14 @@ func startProfile(role string) {
 }
 
 func stopProfile() {
+	if memProfilePath != "" {
+		runtime.GC() // the profile shows allocations as of the last GC
+		if f, err := os.Create(memProfilePath); err == nil {
+			pprof.Lookup("allocs").WriteTo(f, 0)
+			f.Close()
+		}
+		memProfilePath = ""
+	}
 	if traceFile != nil {
 		trace.Stop()
 		traceFile.Close()
