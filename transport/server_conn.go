@@ -24,12 +24,13 @@ import (
 // receives a request for a virtual connection that nobody is serving, it
 // serves the request itself (Kitex's OnRead on its own goroutine: no
 // hand-off). Before that it hands the receiving role on, to a parked
-// follower (or a new worker), only when other calls are in flight: another
-// connection is being served, or the previous request came from another
-// connection. Otherwise the role stays free while it serves, and it takes
-// the role back when done; if serving outlasts standbyAfter (standbyOneConn
-// when the session has one connection), a follower takes the free role, so
-// a slow call never holds up the others for long.
+// follower (or a new worker), only when more messages are already waiting
+// (shm.Session.Waiting), so that concurrent calls are served in parallel.
+// Otherwise the role stays free while it serves, and it takes the role back
+// when done (or another worker does, when it finishes first); if serving
+// outlasts standbyAfter (standbyOneConn when the session has one
+// connection), a follower takes the free role, so a slow call never holds
+// up the others for long.
 //
 // A request for a connection that is being served is queued on it, and the
 // worker serving it serves it next: a connection's requests are served in
@@ -40,14 +41,13 @@ type serverSession struct {
 	s    *shm.Session
 	peer net.Addr // the client, as RemoteAddr names it
 
-	// mu guards conns, receiving, parked, busy, lastConn, ended and the
+	// mu guards conns, receiving, parked, busy, ended and the
 	// queue and busy fields of every serverConn.
 	mu        sync.Mutex
 	conns     map[uint64]*serverConn
 	receiving bool      // a worker holds the receiving role
 	parked    []*worker // followers waiting for the role, most recent last
 	busy      int       // connections being served
-	lastConn  uint64    // connection of the last request received
 	ended     bool      // the session ended: workers exit
 	wg        sync.WaitGroup
 	standby   *time.Timer // gives the free role to a follower (standbyFired)
@@ -290,12 +290,8 @@ func (ss *serverSession) route(m shm.Message) *serverConn {
 		return nil
 	}
 	c.busy = true
-	concurrent := ss.busy > 0 || (m.Kind == codec.KindRequest && m.Aux != ss.lastConn)
 	ss.busy++
-	if m.Kind == codec.KindRequest {
-		ss.lastConn = m.Aux
-	}
-	if concurrent {
+	if ss.s.Waiting() {
 		ss.passRoleLocked()
 	} else {
 		ss.receiving = false
