@@ -43,8 +43,9 @@ type options struct {
 	reportDir  string
 	scale      []int
 	summary    bool
-	scaleRole  bool // internal: this process is part of the scale case
-	heavy      int  // size of the scale case's heavy client (0: none)
+	split      string // "auto", "on" or "off"
+	scaleRole  bool   // internal: this process is part of the scale case
+	heavy      int    // size of the scale case's heavy client (0: none)
 }
 
 func main() {
@@ -69,6 +70,7 @@ func main() {
 	flag.StringVar(&transports, "transports", "", "comma-separated transport names to run (default all available)")
 	flag.StringVar(&heavy, "heavy", "", "payload size of one extra heavy client in the scale case, e.g. 4M (default by mode; 0 disables)")
 	flag.StringVar(&scale, "scale", "", "comma-separated client-process counts for the scale case (default by mode; 0 disables)")
+	flag.StringVar(&o.split, "split", "auto", "CPU split: one extra profiled measurement per Kitex goal row (64 B, 16 KiB, 1 MiB at c=1 and c=16, kshm and netpoll-uds) sorting CPU by category: on, off, or auto (on in quick and full)")
 	flag.BoolVar(&o.summary, "summary", false, "print the per-round summary and ratios at the end (always in -mode quick)")
 	flag.StringVar(&o.out, "out", "", "output file (default results/<mode>.json)")
 	flag.StringVar(&o.reportDir, "report", "-", "directory for REPORT.md and its charts (default results for -mode full, results/quick for -mode quick, none otherwise; empty for none)")

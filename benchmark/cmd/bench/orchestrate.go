@@ -41,6 +41,7 @@ type settings struct {
 	scaleSize        int
 	scaleConc        int
 	scaleHeavy       int // payload of one extra heavy client in the scale case (0: none)
+	split            bool
 }
 
 func modeSettings(o options) (settings, error) {
@@ -65,6 +66,15 @@ func modeSettings(o options) (settings, error) {
 			sizes: all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16}, scaleSize: 1 << 10, scaleConc: 1, scaleHeavy: 4 << 20}
 	default:
 		return s, fmt.Errorf("unknown -mode %q (quick, full or custom)", o.mode)
+	}
+	switch o.split {
+	case "on":
+		s.split = true
+	case "auto":
+		s.split = o.mode == "quick" || o.mode == "full"
+	case "off":
+	default:
+		return s, fmt.Errorf("-split %q: want on, off or auto", o.split)
 	}
 	if o.rounds > 0 {
 		s.rounds = o.rounds
@@ -129,6 +139,8 @@ type roundResult struct {
 	minflt, clientMinflt, serverMinflt float64
 	migrations, runqWait               float64
 	gcs                                float64 // GC cycles in the window, both processes
+	// split: CPU µs per call by category, both processes (split pass).
+	split map[string]float64
 	// Go scheduler latency (/sched/latencies:seconds) in the window, µs:
 	// the client's (the worst client process) and the server's.
 	clientSchedP50, clientSchedP99, serverSchedP50, serverSchedP99 float64
@@ -304,6 +316,24 @@ func orchestrate(o options) error {
 			return err
 		}
 	}
+	splits := map[key]map[string]float64{}
+	if set.split {
+		for _, k := range order {
+			d, _ := findTransport(k.id)
+			if !splitCase(d, k.c) {
+				continue
+			}
+			os.Setenv(splitEnv, "1")
+			r, err := or.measure(d, k.c)
+			os.Unsetenv(splitEnv)
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "bench: CPU split %s %s c%d FAILED: %v\n", d.id(), sizeName(k.c.size), k.c.conc, err)
+				continue
+			}
+			splits[k] = r.split
+			fmt.Fprintf(os.Stderr, "bench: CPU split %-22s %5s c%-2d %s\n", d.id(), sizeName(k.c.size), k.c.conc, fmtSplit(r.split))
+		}
+	}
 	// The machine again at the end: a calibration that moved says the
 	// machine changed under the run.
 	calEnd := calibrate(self)
@@ -313,7 +343,9 @@ func orchestrate(o options) error {
 	recs := make([]record, 0, len(order))
 	for _, k := range order {
 		d, _ := findTransport(k.id)
-		recs = append(recs, aggregate(d, k.c, results[k], failures[k], meta))
+		rec := aggregate(d, k.c, results[k], failures[k], meta)
+		rec.CPUSplitUS = splits[k]
+		recs = append(recs, rec)
 	}
 	if err := writeJSON(out, recs); err != nil {
 		return err
@@ -541,6 +573,7 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 	var cd procDelta // the client processes together
 	var clientRSS, clientShmem float64
 	var heavyFallbacks uint64
+	var clientSplit map[string]int64
 	for i, cl := range clients {
 		line, err := cl.recv(30 * time.Second)
 		if err != nil {
@@ -583,6 +616,12 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		cd.GCs += p.GCs
 		cd.SchedP50Ns = max(cd.SchedP50Ns, p.SchedP50Ns)
 		cd.SchedP99Ns = max(cd.SchedP99Ns, p.SchedP99Ns)
+		for k, v := range r.Split {
+			if clientSplit == nil {
+				clientSplit = map[string]int64{}
+			}
+			clientSplit[k] += v
+		}
 		clientRSS += float64(r.RSSKiB) / float64(nClients)
 		clientShmem += float64(r.ShmemKiB) / float64(nClients)
 	}
@@ -649,6 +688,15 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		res.heavyP50 = heavyHist.quantile(0.5) / 1e3
 		res.heavyQPS = float64(heavyHist.n) / (float64(window) / 1e9)
 		res.heavyFallbacks = heavyFallbacks
+	}
+	if clientSplit != nil || s1.Split != nil {
+		res.split = map[string]float64{}
+		for k, v := range clientSplit {
+			res.split[k] += perCall(v) / 1e3
+		}
+		for k, v := range s1.Split {
+			res.split[k] += srvPerCall(v) / 1e3
+		}
 	}
 	res.csw = res.clientCSW + res.serverCSW
 	res.minflt = res.clientMinflt + res.serverMinflt

@@ -34,11 +34,13 @@ type procSample struct {
 	RunqWaitNs int64 `json:"runq_wait_ns"`
 	// Sched is the Go runtime's /sched/latencies:seconds histogram (time
 	// goroutines spent runnable before they ran), cumulative bucket counts.
-	Sched     []uint64 `json:"sched,omitempty"`
-	Fallbacks uint64   `json:"fallbacks"` // messages that did not use shared memory
-	Errors    int      `json:"errors"`
-	RSSKiB    int64    `json:"rss_kib"`
-	ShmemKiB  int64    `json:"shmem_kib"`
+	Sched []uint64 `json:"sched,omitempty"`
+	// Split: the server's window CPU by category, ns (split pass only).
+	Split     map[string]int64 `json:"split,omitempty"`
+	Fallbacks uint64           `json:"fallbacks"` // messages that did not use shared memory
+	Errors    int              `json:"errors"`
+	RSSKiB    int64            `json:"rss_kib"`
+	ShmemKiB  int64            `json:"shmem_kib"`
 	// Shared memory the process maps, counted once per memfd however
 	// often it is mapped: the pages the memfds have committed (allocated)
 	// and their sizes, in KiB, and the number of memfds.

@@ -94,6 +94,10 @@ type record struct {
 	Machine machine `json:"machine"`
 	Date    string  `json:"date"`
 	Commit  string  `json:"commit"`
+	// CPUSplitUS: CPU µs per call of both processes by category (wait,
+	// syscall, copy, gc, alloc, scheduler, kitex, transport, bench, other),
+	// from one extra profiled measurement outside the rounds.
+	CPUSplitUS map[string]float64 `json:"cpu_split_us_per_call,omitempty"`
 }
 
 type machine struct {

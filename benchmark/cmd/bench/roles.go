@@ -130,14 +130,18 @@ func runServer(o options) error {
 		switch in.Text() {
 		case "q":
 			// The first query opens the window, the second closes it.
+			var split map[string]int64
 			if queries++; queries == 1 {
 				startProfile("server")
+				startSplit()
 			} else {
+				split = stopSplit()
 				stopProfile()
 			}
 			_, n := fails.get()
 			v := takeSample(srvFallbacks)
 			v.Errors = n
+			v.Split = split
 			b, err := json.Marshal(v)
 			if err != nil {
 				return err
@@ -170,6 +174,8 @@ type clientResult struct {
 	// Hist is the latency histogram as (bucket, count) pairs, so the
 	// orchestrator can merge the clients of the scale case exactly.
 	Hist [][2]uint64 `json:"hist"`
+	// Split: the window's CPU by category, ns (only in the split pass).
+	Split map[string]int64 `json:"split,omitempty"`
 }
 
 // memKiB reads this process's resident and resident-shared-memory sizes.
@@ -323,6 +329,7 @@ func runClient(o options) error {
 		return err
 	}
 	startProfile("client")
+	startSplit()
 	s0, t0 := takeSample(fallbacks), time.Now()
 	phase.Store(phaseMeasure)
 	if err := sleep(o.duration); err != nil {
@@ -339,6 +346,7 @@ func runClient(o options) error {
 	}
 	phase.Store(phaseCool)
 	t1, s1 := time.Now(), takeSample(fallbacks)
+	split := stopSplit()
 	stopProfile()
 	fmt.Fprintln(ctl, "end")
 	if err := expect("stop"); err != nil {
@@ -356,7 +364,7 @@ func runClient(o options) error {
 	res := clientResult{
 		Calls: h.n, WindowNs: t1.Sub(t0).Nanoseconds(),
 		P50Ns: h.quantile(0.50), P99Ns: h.quantile(0.99), P999Ns: h.quantile(0.999), MaxNs: float64(h.max),
-		Proc: s1.sub(s0), RSSKiB: s1.RSSKiB, ShmemKiB: s1.ShmemKiB,
+		Proc: s1.sub(s0), RSSKiB: s1.RSSKiB, ShmemKiB: s1.ShmemKiB, Split: split,
 	}
 	for i, n := range h.counts {
 		if n != 0 {

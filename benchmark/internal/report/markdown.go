@@ -108,6 +108,7 @@ func (d *data) markdown(b *strings.Builder, source, command string, charts map[s
 	d.headline(b, charts)
 	d.goals(b)
 	d.kitexGoals(b)
+	d.cpuSplit(b)
 	for _, layer := range []string{"engine", "kitex"} {
 		if len(d.concs(layer)) == 0 {
 			continue
@@ -677,5 +678,60 @@ func (d *data) kitexGoals(b *strings.Builder) {
 	for _, s := range sizes {
 		head = append(head, SizeName(s))
 	}
+	table(b, head, rows)
+}
+
+// splitCategories: the CPU split's categories, in order, with what each is.
+var splitCategories = []struct{ name, what string }{
+	{"wait", "waiting for the peer: kshm's receive loop (polling, yields, its sleep) or netpoll's epoll_wait"},
+	{"syscall", "other system calls: socket reads and writes, wake-ups"},
+	{"copy", "memmove, memclr, memequal: encoding, decoding, the payload"},
+	{"gc", "the garbage collector"},
+	{"alloc", "the allocator"},
+	{"scheduler", "the Go scheduler: parking, readying, futexes, idle threads"},
+	{"kitex", "Kitex, its codec and the generated code"},
+	{"transport", "kshm's own code, or netpoll's"},
+	{"bench", "the benchmark's client loop and handler"},
+	{"other", "the rest"},
+}
+
+// cpuSplit shows, for the Kitex goal rows, where a call's CPU goes.
+func (d *data) cpuSplit(b *strings.Builder) {
+	var rows [][]string
+	for _, conc := range []int{1, 16} {
+		for _, size := range []int{64, 16 << 10, 1 << 20} {
+			for _, t := range []string{"kshm", "netpoll-uds"} {
+				r, ok := d.get("kitex", t, size, conc)
+				if !ok || len(r.CPUSplit) == 0 {
+					continue
+				}
+				row := []string{SizeName(size), fmt.Sprint(conc), t}
+				var total float64
+				for _, c := range splitCategories {
+					v := r.CPUSplit[c.name]
+					total += v
+					row = append(row, us(v))
+				}
+				row = append(row, us(total), us(r.CPU))
+				rows = append(rows, row)
+			}
+		}
+	}
+	if len(rows) == 0 {
+		return
+	}
+	b.WriteString("## Where a Kitex call's CPU goes\n\n")
+	b.WriteString("One extra measurement per row, outside the rounds above, with both processes profiling their window " +
+		"(pprof, 100 samples a second: coarse in a short window); each sample is sorted by its stack. µs per call, both " +
+		"processes together; \"profiled\" is the split's total, \"rounds\" the CPU per call of the rounds, for comparison.\n\n")
+	for _, c := range splitCategories {
+		fmt.Fprintf(b, "- **%s**: %s\n", c.name, c.what)
+	}
+	b.WriteString("\n")
+	head := []string{"size", "c", "transport"}
+	for _, c := range splitCategories {
+		head = append(head, c.name)
+	}
+	head = append(head, "profiled", "rounds")
 	table(b, head, rows)
 }

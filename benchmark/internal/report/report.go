@@ -14,34 +14,37 @@ import (
 
 // Record is the subset of a results record the report reads.
 type Record struct {
-	Layer        string    `json:"layer"`
-	Transport    string    `json:"transport"`
-	Size         int       `json:"size"`
-	Concurrency  int       `json:"concurrency"`
-	Clients      int       `json:"clients"`
-	Scale        bool      `json:"scale"`
-	P50          float64   `json:"p50_us"`
-	P99          float64   `json:"p99_us"`
-	P999         float64   `json:"p999_us"`
-	QPS          float64   `json:"qps"`
-	CPU          float64   `json:"cpu_us_per_call"`
-	Allocs       float64   `json:"allocs_per_call"`
-	ClientCPU    float64   `json:"client_cpu_us_per_call"`
-	ServerCPU    float64   `json:"server_cpu_us_per_call"`
-	ServerAllocs float64   `json:"server_allocs_per_call"`
-	ServerRSS    float64   `json:"server_rss_kib"`
-	ServerShmem  float64   `json:"server_shmem_kib"`
-	ClientRSS    float64   `json:"client_rss_kib"`
-	P50Spread    float64   `json:"p50_spread"`
-	P99Spread    float64   `json:"p99_spread"`
-	QPSSpread    float64   `json:"qps_spread"`
-	CPUSpread    float64   `json:"cpu_spread"`
-	P50Rounds    []float64 `json:"p50_us_rounds"`
-	CPURounds    []float64 `json:"cpu_us_per_call_rounds"`
-	Rounds       int       `json:"rounds"`
-	Calls        uint64    `json:"calls"`
-	Fallbacks    uint64    `json:"fallbacks"`
-	Errors       []string  `json:"errors"`
+	Layer       string  `json:"layer"`
+	Transport   string  `json:"transport"`
+	Size        int     `json:"size"`
+	Concurrency int     `json:"concurrency"`
+	Clients     int     `json:"clients"`
+	Scale       bool    `json:"scale"`
+	P50         float64 `json:"p50_us"`
+	P99         float64 `json:"p99_us"`
+	P999        float64 `json:"p999_us"`
+	QPS         float64 `json:"qps"`
+	CPU         float64 `json:"cpu_us_per_call"`
+	// CPUSplit: CPU µs per call of both processes by category, from one
+	// extra profiled measurement (Kitex goal rows only).
+	CPUSplit     map[string]float64 `json:"cpu_split_us_per_call"`
+	Allocs       float64            `json:"allocs_per_call"`
+	ClientCPU    float64            `json:"client_cpu_us_per_call"`
+	ServerCPU    float64            `json:"server_cpu_us_per_call"`
+	ServerAllocs float64            `json:"server_allocs_per_call"`
+	ServerRSS    float64            `json:"server_rss_kib"`
+	ServerShmem  float64            `json:"server_shmem_kib"`
+	ClientRSS    float64            `json:"client_rss_kib"`
+	P50Spread    float64            `json:"p50_spread"`
+	P99Spread    float64            `json:"p99_spread"`
+	QPSSpread    float64            `json:"qps_spread"`
+	CPUSpread    float64            `json:"cpu_spread"`
+	P50Rounds    []float64          `json:"p50_us_rounds"`
+	CPURounds    []float64          `json:"cpu_us_per_call_rounds"`
+	Rounds       int                `json:"rounds"`
+	Calls        uint64             `json:"calls"`
+	Fallbacks    uint64             `json:"fallbacks"`
+	Errors       []string           `json:"errors"`
 
 	ServerShmCommitted float64 `json:"server_shm_committed_kib"`
 	ServerShmMapped    float64 `json:"server_shm_mapped_kib"`
