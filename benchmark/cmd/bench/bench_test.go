@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -86,5 +88,47 @@ func TestBench_SmokeEveryTransport(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(o.reportDir, "REPORT.md")); err != nil {
 		t.Errorf("report: %v", err)
+	}
+}
+
+// The CPU split pass profiles the Kitex goal rows and the report shows it.
+func TestBench_CPUSplit(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes")
+	}
+	t.Setenv("KSHM_BENCH_CHILD", "1")
+	out := filepath.Join(t.TempDir(), "split.json")
+	o := options{
+		mode: "custom", split: "on", rounds: 1, sizes: []int{64}, concs: []int{1},
+		layers: []string{"kitex"}, transports: []string{"kshm", "netpoll-uds"},
+		warmup: 10 * time.Millisecond, duration: 300 * time.Millisecond, minCalls: 1, maxWindow: 2 * time.Second,
+		heavy: -1, out: out, reportDir: filepath.Join(t.TempDir(), "report"),
+	}
+	if err := orchestrate(o); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var recs []record
+	if err := json.Unmarshal(b, &recs); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range recs {
+		var total float64
+		for k, v := range r.CPUSplitUS {
+			if !slices.Contains(splitCategories, k) {
+				t.Errorf("%s: unknown split category %q", r.Transport, k)
+			}
+			total += v
+		}
+		if total <= 0 {
+			t.Errorf("%s %d B c%d: no CPU split (%v)", r.Transport, r.Size, r.Concurrency, r.CPUSplitUS)
+		}
+	}
+	rep, err := os.ReadFile(filepath.Join(o.reportDir, "REPORT.md"))
+	if err != nil || !strings.Contains(string(rep), "Where a Kitex call's CPU goes") {
+		t.Errorf("report has no CPU split section (%v)", err)
 	}
 }
