@@ -18,8 +18,9 @@ func osYield() { syscall.Syscall(syscall.SYS_SCHED_YIELD, 0, 0, 0) }
 // at most every goSampleEvery (the Go scheduler, runtime/metrics) and
 // cpuSampleEvery (the machine's, /proc/loadavg), by whichever poller asks
 // first. Reading it costs two atomic loads; a Go sample (runtime/metrics,
-// three scheduler metrics) costs about 120 ns, so it is taken often enough
-// that a Gosched decision is never older than a few microseconds.
+// three scheduler metrics) costs about 120 ns and takes the runtime's
+// scheduler lock, so it is taken at most every 10 µs; a Gosched clears the
+// flag until the next sample, so a stale sample costs one Gosched at most.
 type schedLoad struct {
 	mu      sync.Mutex   // guards sample and the refreshes
 	goNext  atomic.Int64 // unix nanoseconds of the next refresh of each
@@ -33,7 +34,7 @@ type schedLoad struct {
 }
 
 const (
-	goSampleEvery  = 2 * time.Microsecond
+	goSampleEvery  = 10 * time.Microsecond
 	cpuSampleEvery = time.Millisecond
 	runnableMetric = "/sched/goroutines/runnable:goroutines"
 	runningMetric  = "/sched/goroutines/running:goroutines"
