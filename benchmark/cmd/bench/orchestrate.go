@@ -320,6 +320,11 @@ func orchestrate(o options) error {
 	}
 	splits := map[key]map[string]float64{}
 	if set.split {
+		// Long windows: the profiler takes 100 samples a second per busy
+		// thread, so an 80 ms window would hold a handful.
+		saved := or.set
+		or.set.duration, or.set.maxWindow = splitWindow, max(or.set.maxWindow, splitWindow)
+		defer func() { or.set = saved }()
 		for _, k := range order {
 			d, _ := findTransport(k.id)
 			if !splitCase(d, k.c) {

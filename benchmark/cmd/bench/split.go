@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime/pprof"
 	"strings"
+	"time"
 
 	"github.com/google/pprof/profile"
 )
@@ -15,6 +16,9 @@ import (
 // its window and sorts every sample by what it was doing, so that REPORT.md
 // can say where a call's CPU goes on each transport. The orchestrator turns
 // it into µs per call, both processes together.
+
+// splitWindow is the measurement window of the split pass.
+const splitWindow = 2 * time.Second
 
 // splitEnv makes a child profile its window for the split.
 const splitEnv = "KSHM_BENCH_SPLIT"
