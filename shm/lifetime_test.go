@@ -305,6 +305,78 @@ func TestClose_ReleasesEverything(t *testing.T) {
 	}
 }
 
+// The hold caches (the allocator's, the Recv turn's, the release path's)
+// are settled at close: once both sides are closed, each lifetime word
+// counts exactly the buffers still local and the messages still held, so
+// the last Free or Release unmaps, not earlier and not never. Traffic
+// of more than a few batches first leaves every cache partly full.
+func TestClose_SettlesHoldCaches(t *testing.T) {
+	base := memfdCounts(t)
+	for _, closer := range []string{"client", "server"} {
+		t.Run(closer, func(t *testing.T) {
+			cli, srv := pair(t, testConfig(), testConfig())
+			ctx := context.Background()
+			for i := 0; i < 3*holdBatch+7; i++ {
+				send(t, cli, uint64(i), []byte("ping"))
+				m := recvOne(t, srv)
+				srv.Release(&m)
+				send(t, srv, uint64(i), []byte("pong"))
+				m = recvOne(t, cli)
+				cli.Release(&m)
+			}
+			local, err := cli.Alloc(100)
+			if err != nil {
+				t.Fatal(err)
+			}
+			send(t, cli, 1, []byte("held by the server")) // sent, never released
+			send(t, srv, 2, []byte("released late"))      // received below, released after close
+			late := recvOne(t, cli)
+			held := recvOne(t, srv)
+			own, err := srv.Alloc(100) // freed only after close
+			if err != nil {
+				t.Fatal(err)
+			}
+			if closer == "client" {
+				cli.Close()
+			} else {
+				srv.Close()
+			}
+			for _, s := range []*Session{cli, srv} {
+				<-s.Done()
+				s.Close()
+			}
+			holds := func(s *Session) uint64 { return s.life.word.Load() &^ lifeClosing }
+			// Client: the local buffer and the message it holds. Server: its
+			// unfreed buffer and the message it holds. Buffers sent and not
+			// released hold nothing after close.
+			if h := holds(cli); h != 2 {
+				t.Errorf("client lifetime word counts %d holds after close, want 2", h)
+			}
+			if h := holds(srv); h != 2 {
+				t.Errorf("server lifetime word counts %d holds after close, want 2", h)
+			}
+			if err := cli.Free(local); err != nil {
+				t.Fatal(err)
+			}
+			cli.Release(&late)
+			srv.Release(&held)
+			if h := holds(cli); h != 0 {
+				t.Errorf("client: %d holds left", h)
+			}
+			if _, err := srv.Recv(ctx); !errors.Is(err, ErrClosed) {
+				t.Errorf("Recv after close = %v, want ErrClosed", err)
+			}
+			if h := holds(srv); h != 1 { // its own buffer
+				t.Errorf("server: %d holds left, want 1", h)
+			}
+			if err := srv.Free(own); err != nil {
+				t.Fatal(err)
+			}
+			shmtest.WaitBaseline(t, 5*time.Second, "memfd mappings and descriptors after close", base, func() []int { return memfdCounts(t) })
+		})
+	}
+}
+
 // Recv returns the zero Message on error: a caller that defers Release does
 // not drop a reference it never had. Before the fix the message came back
 // half filled (id and the first segment) from a corrupt second descriptor.

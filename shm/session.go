@@ -78,6 +78,13 @@ type Session struct {
 	leakLogged  []uint32 // generation of the slot last logged as a leak
 	allocCounts allocCounters
 	growCounts  growCounters
+	// allocHolds are holds taken from life in batches and not yet given to
+	// a buffer. A buffer in use (local, or sent and not reclaimed) has one
+	// more, which Free and reclaim give back here. allocClosed: close has
+	// settled them (settleHolds); Alloc then refuses, and Free drops its
+	// buffer's hold from the word.
+	allocHolds  uint64
+	allocClosed bool
 
 	_ cacheLinePad
 	// sendMu guards localTail, the producer index of our send ring, and
@@ -89,9 +96,16 @@ type Session struct {
 
 	_ cacheLinePad
 	// recvTurn admits one Recv at a time; the holder owns peerHead (our
-	// consumer index of the peer's send ring) and waitAvg.
+	// consumer index of the peer's send ring), waitAvg, recvHolds (holds
+	// taken from life in batches: they keep the mappings while the holder
+	// reads the peer's ring, and each received message with segments takes
+	// one) and recvSettled (they were returned after close, and
+	// recvDrained closed).
 	recvTurn    turn
 	peerHead    uint64
+	recvHolds   uint64
+	recvSettled bool
+	recvDrained chan struct{}
 	waitAvg     int64 // typical wait in nanoseconds, for the spin policy (wake.go)
 	events      eventCounters
 	recvWake    chan struct{}
@@ -100,11 +114,13 @@ type Session struct {
 	inlineRoom  chan struct{} // signalled when a queued inline message is taken
 
 	_ cacheLinePad
-	// relMu guards relTail, the producer index of our release ring, and
-	// released (peer buffers released by us).
+	// relMu guards relTail, the producer index of our release ring,
+	// released (peer buffers released by us) and relHolds (holds of
+	// released messages, returned to life in batches; settled by close).
 	relMu    sync.Mutex
 	relTail  uint64
 	released uint64
+	relHolds uint64
 
 	// wmu serialises writes to conn. Nobody waits for it while closing:
 	// close unblocks a writer by closing conn.
@@ -127,17 +143,18 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 	s := &Session{
 		cfg: cfg, conn: conn, role: role, local: local, peer: peer,
 		localHdr: local.hdr, peerHdr: peer.hdr, peerPID: peerPID, peerUID: peerUID,
-		peerMax:    peer.geo.maxMessage,
-		inlineMax:  cfg.maxInline(),
-		peerInMax:  peerMaxInline,
-		peerCap:    peerCap,
-		committed:  local.geo.size,
-		recvTurn:   newTurn(),
-		recvWake:   make(chan struct{}, 1),
-		inlineQ:    make(chan Message, inlineQueueLen),
-		inlineRoom: make(chan struct{}, 1),
-		done:       make(chan struct{}),
-		readerEnd:  make(chan struct{}),
+		peerMax:     peer.geo.maxMessage,
+		inlineMax:   cfg.maxInline(),
+		peerInMax:   peerMaxInline,
+		peerCap:     peerCap,
+		committed:   local.geo.size,
+		recvTurn:    newTurn(),
+		recvDrained: make(chan struct{}),
+		recvWake:    make(chan struct{}, 1),
+		inlineQ:     make(chan Message, inlineQueueLen),
+		inlineRoom:  make(chan struct{}, 1),
+		done:        make(chan struct{}),
+		readerEnd:   make(chan struct{}),
 	}
 	s.recvLimit = min(uint64(cfg.MaxMessageSize), s.peerMax)
 	n := uint32(local.geo.slotCount)
