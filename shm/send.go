@@ -9,11 +9,31 @@ import (
 	"time"
 )
 
-// A slot word (Session.slotWords) is gen<<32 | state (slotFree, slotLocal,
-// slotSent). The generation grows with each allocation of the slot, so a
-// stale Buffer never matches.
+// A slot word (Session.slotWords) is gen<<32 | state, slotLocal or
+// slotSent. Its changes of hands are compare-and-swaps: Send local(g) →
+// sent(g); Free local(g) → local(g+1); reclaiming the peer's release
+// sent(g) → local(g+1). A free slot thus already reads local with the
+// generation its next Alloc hands out, so Alloc needs no store: no Buffer of
+// that generation exists before that Alloc (a Buffer's fields are
+// unexported; one comes only from Alloc), so Send and Free cannot take a
+// free slot, and a stale Buffer (an older generation) is refused as freed.
+// Which slots are free is the allocator's free stack's to say, under
+// allocMu; the region's buffer table shows free slots as slotFree.
 
 func slotWord(gen, state uint32) uint64 { return uint64(gen)<<32 | uint64(state) }
+
+// nextGen is the generation after g. Generation 0 is never handed out: a
+// zero Buffer matches nothing.
+func nextGen(g uint32) uint32 {
+	if g++; g == 0 {
+		g = 1
+	}
+	return g
+}
+
+// freedWord is the word of a slot freed from generation gen: ready for the
+// next Alloc.
+func freedWord(gen uint32) uint64 { return slotWord(nextGen(gen), slotLocal) }
 
 // Alloc allocates a buffer of n bytes in one of our regions. It fails with
 // ErrTooLarge, ErrQuota (MaxBuffers in flight), ErrNoMemory (no free block
@@ -112,17 +132,12 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 func (s *Session) takeSlotLocked(lr *localRegion, off uint64, k uint8, n int) Buffer {
 	slot := s.freeSlots[len(s.freeSlots)-1]
 	s.freeSlots = s.freeSlots[:len(s.freeSlots)-1]
-	w := &s.slotWords[slot]
-	gen := uint32(w.Load()>>32) + 1
-	if gen == 0 {
-		gen = 1 // generation 0 is never handed out: a zero Buffer matches nothing
-	}
+	gen := uint32(s.slotWords[slot].Load() >> 32) // local(gen) since the slot was freed
 	size := uint64(MinBlockSize) << k
 	m := &s.local.slots[slot]
 	m.Off, m.Size, m.Len, m.Gen, m.ID, m.Aux, m.Region = off, uint32(size), uint32(n), gen, 0, 0, lr.index
 	m.Time = s.coarseNow.Load()
 	m.State = slotLocal
-	w.Store(slotWord(gen, slotLocal))
 	lr.inUse++
 	lr.idle = 0
 	s.allocCounts.allocs++
@@ -140,7 +155,7 @@ func (s *Session) Free(b Buffer) error {
 	if !s.ours(b) {
 		return ErrForeignBuffer
 	}
-	if err := s.takeLocal(b, slotFree); err != nil {
+	if err := s.takeLocal(b, freedWord(b.gen)); err != nil {
 		return err
 	}
 	// The slot is ours alone now, and its hold keeps the mapping.
@@ -172,13 +187,13 @@ func (s *Session) ours(b Buffer) bool {
 	return false
 }
 
-// takeLocal moves b's slot from local to state by compare-and-swap, or says
-// why b is not a local buffer of this session. A slot seen local again (a
-// concurrent Send that failed and gave it back) is retried.
-func (s *Session) takeLocal(b Buffer, state uint32) error {
+// takeLocal moves b's slot from local to the word to by compare-and-swap,
+// or says why b is not a local buffer of this session. A slot seen local
+// again (a concurrent Send that failed and gave it back) is retried.
+func (s *Session) takeLocal(b Buffer, to uint64) error {
 	w := &s.slotWords[b.slot]
 	for {
-		if w.CompareAndSwap(slotWord(b.gen, slotLocal), slotWord(b.gen, state)) {
+		if w.CompareAndSwap(slotWord(b.gen, slotLocal), to) {
 			return nil
 		}
 		if err := notLocal(b, w.Load()); err != nil {
@@ -191,7 +206,7 @@ func (s *Session) takeLocal(b Buffer, state uint32) error {
 // it does.
 func notLocal(b Buffer, v uint64) error {
 	switch {
-	case uint32(v>>32) != b.gen || uint32(v) == slotFree:
+	case uint32(v>>32) != b.gen:
 		return ErrBufferFreed
 	case uint32(v) == slotSent:
 		return ErrBufferSent
@@ -238,7 +253,7 @@ func (s *Session) reclaimLocked() error {
 		if slot >= uint32(len(s.slotWords)) {
 			return fmt.Errorf("%w: release of slot %d, only %d slots", ErrCorrupt, slot, len(s.slotWords))
 		}
-		if !s.slotWords[slot].CompareAndSwap(slotWord(gen, slotSent), slotWord(gen, slotFree)) {
+		if !s.slotWords[slot].CompareAndSwap(slotWord(gen, slotSent), freedWord(gen)) {
 			return fmt.Errorf("%w: release of slot %d generation %d, which the peer does not hold", ErrCorrupt, slot, gen)
 		}
 		s.freeSlotLocked(slot)
@@ -314,7 +329,7 @@ func (s *Session) Send(ctx context.Context, id, aux uint64, kind uint16, bufs ..
 // ours.
 func (s *Session) takeForSend(bufs []Buffer) error {
 	for i, b := range bufs {
-		if err := s.takeLocal(b, slotSent); err != nil {
+		if err := s.takeLocal(b, slotWord(b.gen, slotSent)); err != nil {
 			s.unsend(bufs[:i])
 			return err
 		}

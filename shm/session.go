@@ -53,9 +53,10 @@ type Session struct {
 	peerCap   uint64   // most bytes of our regions the peer maps (its hello)
 
 	// slotWords is the state of each of our buffer slots, gen<<32|state, in
-	// the Go heap: Send and Free change it by compare-and-swap, so a buffer
-	// changes hands once, and a stale Buffer is refused without touching the
-	// mapping. The region's buffer table mirrors it for operators.
+	// the Go heap: Send, Free and reclaim change it by compare-and-swap
+	// (send.go), so a buffer changes hands once, and a stale Buffer is
+	// refused without touching the mapping. The region's buffer table
+	// mirrors it for operators.
 	slotWords []atomic.Uint64
 	spans     [MaxRegions]atomic.Pointer[arenaSpan] // our arenas, to tell our Buffers from others'
 	coarseNow atomic.Int64                          // unix nanoseconds of the last housekeeping pass
@@ -166,6 +167,7 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 	s.freeSlots = make([]uint32, n)
 	for i := range s.freeSlots {
 		s.freeSlots[i] = n - 1 - uint32(i)
+		s.slotWords[i].Store(freedWord(0)) // free: ready for generation 1 (send.go)
 	}
 	s.leakLogged = make([]uint32, n)
 	s.waitAvg = int64(cfg.SpinTime / 2)
