@@ -377,6 +377,50 @@ func TestClose_SettlesHoldCaches(t *testing.T) {
 	}
 }
 
+// The receiver's counters ride on stores it makes anyway: the message count
+// on the end of the Recv turn, the buffers received on our consumer index
+// (less empty messages). They count exactly, held buffers included, while
+// open and after close.
+func TestStats_ReceiverCountsWithoutOwnAtomics(t *testing.T) {
+	cli, srv := pair(t, testConfig(), testConfig())
+	ctx := context.Background()
+	if err := cli.Send(ctx, 1, 0, 0); err != nil { // empty
+		t.Fatal(err)
+	}
+	send(t, cli, 2, []byte("one"))
+	a, err := cli.Alloc(10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := cli.Alloc(20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cli.Send(ctx, 3, 0, 0, a, b); err != nil {
+		t.Fatal(err)
+	}
+	var held []Message
+	for i := 0; i < 3; i++ {
+		held = append(held, recvOne(t, srv))
+	}
+	check := func(when string, msgs, bytes uint64, heldBufs int64) {
+		t.Helper()
+		st := srv.Stats()
+		if st.MsgsRecv != msgs || st.BytesRecv != bytes || st.HeldFromPeer != heldBufs {
+			t.Errorf("%s: MsgsRecv %d BytesRecv %d HeldFromPeer %d, want %d %d %d",
+				when, st.MsgsRecv, st.BytesRecv, st.HeldFromPeer, msgs, bytes, heldBufs)
+		}
+	}
+	check("all held", 3, 33, 3)
+	srv.Release(&held[1])
+	check("one released", 3, 33, 2)
+	srv.Close()
+	check("after close", 3, 33, 2)
+	srv.Release(&held[2])
+	check("released after close", 3, 33, 0)
+	srv.Release(&held[0])
+}
+
 // Recv returns the zero Message on error: a caller that defers Release does
 // not drop a reference it never had. Before the fix the message came back
 // half filled (id and the first segment) from a corrupt second descriptor.
@@ -464,7 +508,7 @@ func TestRecv_WaitingForTurnHonoursCtx(t *testing.T) {
 		_, err := srv.Recv(context.Background()) // waits until close
 		first <- err
 	}()
-	for !srv.recvTurn.busy.Load() {
+	for !srv.recvTurn.held() {
 		time.Sleep(time.Millisecond)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)

@@ -71,6 +71,7 @@ func (s *Session) settleRecvHolds() {
 	s.recvHolds = 0
 	if !s.recvSettled {
 		s.recvSettled = true
+		s.finalHead = s.peerHead // no message is received after this
 		close(s.recvDrained)
 	}
 	s.life.dropHolds(int(n))
@@ -261,11 +262,15 @@ func (s *Session) tryRecv(m *Message) (bool, error) {
 	m.inline = false
 	s.peerHead = head + n
 	atomic.StoreUint64(&s.localHdr.PeerRingHead, s.peerHead)
-	c := &s.events
-	c.msgs.Add(1)
+	// Counted without read-modify-writes of their own: the message count
+	// rides on the store that ends the turn, and the buffers received are
+	// the descriptors consumed (the index just stored) but those of empty
+	// messages (segsReceived).
+	s.recvTurn.count++
 	if m.n > 0 {
-		c.segs.Add(uint64(m.n))
-		c.bytes.Add(uint64(m.Len()))
+		s.events.bytes.Add(uint64(m.Len()))
+	} else {
+		s.events.emptyRecv.Add(1)
 	}
 	return true, nil
 }

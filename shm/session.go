@@ -97,7 +97,8 @@ type Session struct {
 
 	_ cacheLinePad
 	// recvTurn admits one Recv at a time; the holder owns peerHead (our
-	// consumer index of the peer's send ring), waitAvg, recvHolds (holds
+	// consumer index of the peer's send ring), recvTurn.count (messages
+	// received through the ring), waitAvg, recvHolds (holds
 	// taken from life in batches: they keep the mappings while the holder
 	// reads the peer's ring, and each received message with segments takes
 	// one) and recvSettled (they were returned after close, and
@@ -107,7 +108,8 @@ type Session struct {
 	recvHolds   uint64
 	recvSettled bool
 	recvDrained chan struct{}
-	waitAvg     int64 // typical wait in nanoseconds, for the spin policy (wake.go)
+	finalHead   uint64 // peerHead when the turn settled; read after recvDrained
+	waitAvg     int64  // typical wait in nanoseconds, for the spin policy (wake.go)
 	events      eventCounters
 	recvWake    chan struct{}
 	inlineQ     chan Message
@@ -191,20 +193,34 @@ func (s *Session) PeerPID() int    { return int(s.peerPID) }
 func (s *Session) PeerUID() uint32 { return s.peerUID }
 
 // turn admits one goroutine at a time, and lets a waiting one give up when
-// its ctx ends or the session closes (a sync.Mutex cannot).
+// its ctx ends or the session closes (a sync.Mutex cannot). Its word also
+// carries a count the holder keeps (the messages received through the
+// ring), published by the store that ends each turn, so that counting
+// costs no read-modify-write of its own.
 type turn struct {
-	busy    atomic.Bool
+	word    atomic.Uint64 // count<<1 | held
+	count   uint64        // the holder's count; published by give
 	waiters atomic.Int32
 	free    chan struct{}
 }
 
 func newTurn() turn { return turn{free: make(chan struct{}, 1)} }
 
-func (t *turn) tryTake() bool { return !t.busy.Load() && t.busy.CompareAndSwap(false, true) }
+func (t *turn) tryTake() bool {
+	w := t.word.Load()
+	return w&1 == 0 && t.word.CompareAndSwap(w, w|1)
+}
 
-// give ends the holder's turn and wakes a waiter if there is one.
+// held reports whether someone holds the turn.
+func (t *turn) held() bool { return t.word.Load()&1 != 0 }
+
+// published is the count as of the end of the last turn.
+func (t *turn) published() uint64 { return t.word.Load() >> 1 }
+
+// give ends the holder's turn, publishing its count, and wakes a waiter if
+// there is one.
 func (t *turn) give() {
-	t.busy.Store(false)
+	t.word.Store(t.count << 1)
 	if t.waiters.Load() > 0 {
 		select {
 		case t.free <- struct{}{}:
