@@ -50,8 +50,8 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 	}
 	for attempt := 0; ; attempt++ {
 		s.allocMu.Lock()
-		// Until close settles the allocator's holds (allocClosed), they
-		// keep the mappings: the session's own hold is dropped only after.
+		// The closing bit fences Alloc; allocClosed says close has
+		// settled the allocator's holds (lifetime.go).
 		if s.allocClosed || s.life.closed() {
 			s.allocMu.Unlock()
 			return Buffer{}, s.closedErr()
