@@ -82,22 +82,9 @@ func (l *lifetime) beginOp() bool {
 // endOp ends an operation started by beginOp.
 func (l *lifetime) endOp() { l.settleOp(l.word.Add(minusOp)) }
 
-// acquireHold takes a hold for an object handed to the caller; false once
-// closing.
-func (l *lifetime) acquireHold() bool {
-	for {
-		w := l.word.Load()
-		if w&lifeClosing != 0 || w&lifeHoldMask >= lifeHoldLimit {
-			return false
-		}
-		if l.word.CompareAndSwap(w, w+1) {
-			return true
-		}
-	}
-}
-
-// acquireHolds takes n holds at once, for a cache that hands them out
-// without touching the word (holdBatch); false once closing.
+// acquireHolds takes n holds at once (one for an object handed to the
+// caller, holdBatch for a cache that hands them out without touching the
+// word); false once closing.
 func (l *lifetime) acquireHolds(n uint64) bool {
 	for {
 		w := l.word.Load()
@@ -110,20 +97,12 @@ func (l *lifetime) acquireHolds(n uint64) bool {
 	}
 }
 
-// opToHold turns the caller's operation into a hold (a received message
-// keeps the mapping its segments point into).
-func (l *lifetime) opToHold() { l.settleOp(l.word.Add(minusOp + 1)) }
-
 // dropHolds drops n holds.
 func (l *lifetime) dropHolds(n int) {
 	if n > 0 && l.word.Add(-uint64(n)) == lifeClosing {
 		l.unmap()
 	}
 }
-
-// endOpDropHolds ends an operation and drops n holds in one step (Send: the
-// buffers' holds pass to the peer with the buffers).
-func (l *lifetime) endOpDropHolds(n int) { l.settleOp(l.word.Add(minusOp - uint64(n))) }
 
 // close sets the closing bit and drops the session's own hold. It reports
 // false if the lifetime was already closing.

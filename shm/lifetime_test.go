@@ -55,16 +55,16 @@ func TestLifetime_UnmapOnceWhenLastUserLeaves(t *testing.T) {
 							l.endOp()
 						}
 					case 1:
-						if l.acquireHold() {
+						if l.acquireHolds(1) {
 							active.Add(1)
 							active.Add(-1)
 							l.dropHolds(1)
 						}
-					case 2:
-						if l.beginOp() {
+					case 2: // a cache: a batch taken, handed out, returned in parts
+						if l.acquireHolds(holdBatch) {
 							active.Add(1)
 							active.Add(-1)
-							l.opToHold()
+							l.dropHolds(holdBatch - 1)
 							l.dropHolds(1)
 						}
 					}
@@ -73,7 +73,7 @@ func TestLifetime_UnmapOnceWhenLastUserLeaves(t *testing.T) {
 		}
 		l.close()
 		<-l.drained
-		if l.beginOp() || l.acquireHold() {
+		if l.beginOp() || l.acquireHolds(1) {
 			t.Fatal("a user started after close")
 		}
 		wg.Wait()
