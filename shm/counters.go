@@ -36,12 +36,13 @@ type sendCounters struct {
 // Recv turn's holder, which holds no lock) and those of rare events (the
 // reader, inline sends, wake-up writes, refusals before the lock).
 type eventCounters struct {
-	msgs, bytes, segs atomic.Uint64
-	sleeps            atomic.Uint64
-	inlineRecv        atomic.Uint64
-	inlineSent        atomic.Uint64
-	wakeupsSent       atomic.Uint64
-	tooLarge          atomic.Uint64 // Alloc refusals before the lock
+	bytes       atomic.Uint64 // bytes of the buffers received
+	emptyRecv   atomic.Uint64 // messages received without a buffer
+	sleeps      atomic.Uint64
+	inlineRecv  atomic.Uint64
+	inlineSent  atomic.Uint64
+	wakeupsSent atomic.Uint64
+	tooLarge    atomic.Uint64 // Alloc refusals before the lock
 }
 
 // corruptSessions counts sessions closed for corrupt peer input.
@@ -153,7 +154,7 @@ func (s *Session) counts() SessionStats {
 	st.HeldFromPeer = s.heldFromPeer()
 	st.MsgsSent, st.BytesSent = sc.msgs, sc.bytes
 	st.WakeupsSaved = sc.wakeupsSaved
-	st.MsgsRecv, st.BytesRecv = r.msgs.Load(), r.bytes.Load()
+	st.MsgsRecv, st.BytesRecv = s.recvTurn.published(), r.bytes.Load()
 	st.WakeupsSent = r.wakeupsSent.Load()
 	st.Sleeps = r.sleeps.Load()
 	st.InlineSent, st.InlineRecv = r.inlineSent.Load(), r.inlineRecv.Load()
@@ -170,7 +171,21 @@ func (s *Session) heldFromPeer() int64 {
 	s.relMu.Lock()
 	rel := s.released
 	s.relMu.Unlock()
-	return int64(s.events.segs.Load() - rel)
+	return int64(s.segsReceived() - rel)
+}
+
+// segsReceived is the number of the peer's buffers received: the
+// descriptors consumed (our consumer index of the peer's ring, which the
+// Recv turn stores in our header with each message) but those of empty
+// messages. After close it is the index the Recv turn had when it settled.
+func (s *Session) segsReceived() uint64 {
+	if s.life.beginOp() {
+		head := atomic.LoadUint64(&s.localHdr.PeerRingHead)
+		s.life.endOp()
+		return head - s.events.emptyRecv.Load()
+	}
+	<-s.recvDrained // soon after close: the turn's holder leaves at once
+	return s.finalHead - s.events.emptyRecv.Load()
 }
 
 // Stats returns the session's counters, after reclaiming what the peer has

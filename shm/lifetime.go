@@ -12,21 +12,33 @@ import (
 // as long as someone uses them, and every use is counted in one word,
 // session.life:
 //
-//   - an operation (Send, SendInline, Recv, Stats, a housekeeping pass, the
-//     reader handling one frame) calls beginOp before it touches either
+//   - an operation (SendInline, an empty Send, Stats, a housekeeping pass,
+//     the reader handling one frame) calls beginOp before it touches either
 //     mapping and endOp after its last touch;
-//   - an object that carries a slice of a mapping out to the caller holds a
-//     hold: a local Buffer from Alloc until Send passes it to the peer or
-//     Free returns it, a received Message with segments until Release;
-//   - the session itself holds one hold from creation until close.
+//   - a hold keeps the mappings for a user that has no operation: each of
+//     our buffers in use (local, from Alloc until Free; sent, until the
+//     peer releases it), each received Message with segments (until
+//     Release), the Recv turn while a Recv reads the peer's ring, and the
+//     session itself until close. Send of buffers and Release run under
+//     the holds of the buffers and the message they hand over.
 //
-// beginOp and new holds fail once the closing bit is set (close sets it,
-// then drops the session's hold), so close fences new users. Close waits
-// until no operation is in flight; the mappings are unmapped by whoever
-// brings the word to "closing, no operation, no hold": close itself, the
-// last operation, or the last Free or Release. Nothing touches a mapping
-// outside a held operation or hold; a slice handed out never outlives the
-// mapping it points into.
+// Holds move without touching the word on the hot path: the allocator
+// (under allocMu), the Recv turn and the release path (under relMu) each
+// keep a cache of holds taken from or returned to the word holdBatch at a
+// time, and a buffer's or a message's hold passes to and from those caches.
+// Every hold in a cache is a hold in the word, so the word never counts
+// fewer users than there are.
+//
+// beginOp and new holds fail once the closing bit is set. Close sets it,
+// drops the session's hold and settles the caches (settleHolds): the
+// allocator's spare holds and those of the buffers the peer still holds,
+// the release path's, and the Recv turn's (returned by whoever holds the
+// turn after the bit is set). Close waits until no operation is in flight
+// and the Recv turn has settled; the mappings are unmapped by whoever brings
+// the word to "closing, no operation, no hold": close itself, the last
+// operation, or the last Free or Release. Nothing touches a mapping outside
+// an operation or a hold; a slice handed out never outlives the mapping it
+// points into.
 type lifetime struct {
 	word    atomic.Uint64 // lifeClosing | operations<<32 | holds
 	drained chan struct{} // closed when, after closing, no operation is left
@@ -41,6 +53,11 @@ const (
 	lifeHoldLimit = 1<<31 - 1 // holds are bounded by slots and messages, far below
 
 	minusOp = ^uint64(lifeOpOne - 1) // adding it subtracts one operation
+
+	// holdBatch is how many holds a hold cache (the allocator's, the Recv
+	// turn's, the release path's) takes from or returns to the word at a
+	// time, so that a message costs no read-modify-write of the word.
+	holdBatch = 64
 )
 
 func (l *lifetime) init(unmap func()) {
@@ -65,23 +82,20 @@ func (l *lifetime) beginOp() bool {
 // endOp ends an operation started by beginOp.
 func (l *lifetime) endOp() { l.settleOp(l.word.Add(minusOp)) }
 
-// acquireHold takes a hold for an object handed to the caller; false once
-// closing.
-func (l *lifetime) acquireHold() bool {
+// acquireHolds takes n holds at once (one for an object handed to the
+// caller, holdBatch for a cache that hands them out without touching the
+// word); false once closing.
+func (l *lifetime) acquireHolds(n uint64) bool {
 	for {
 		w := l.word.Load()
-		if w&lifeClosing != 0 || w&lifeHoldMask >= lifeHoldLimit {
+		if w&lifeClosing != 0 || w&lifeHoldMask+n > lifeHoldLimit {
 			return false
 		}
-		if l.word.CompareAndSwap(w, w+1) {
+		if l.word.CompareAndSwap(w, w+n) {
 			return true
 		}
 	}
 }
-
-// opToHold turns the caller's operation into a hold (a received message
-// keeps the mapping its segments point into).
-func (l *lifetime) opToHold() { l.settleOp(l.word.Add(minusOp + 1)) }
 
 // dropHolds drops n holds.
 func (l *lifetime) dropHolds(n int) {
@@ -89,10 +103,6 @@ func (l *lifetime) dropHolds(n int) {
 		l.unmap()
 	}
 }
-
-// endOpDropHolds ends an operation and drops n holds in one step (Send: the
-// buffers' holds pass to the peer with the buffers).
-func (l *lifetime) endOpDropHolds(n int) { l.settleOp(l.word.Add(minusOp - uint64(n))) }
 
 // close sets the closing bit and drops the session's own hold. It reports
 // false if the lifetime was already closing.
@@ -153,6 +163,7 @@ func (s *Session) closedErr() error {
 func (s *Session) Close() error {
 	s.closeWith(ErrClosed, true)
 	<-s.life.drained
+	<-s.recvDrained
 	<-s.readerEnd
 	return nil
 }
@@ -187,6 +198,7 @@ func (s *Session) closeWith(reason error, tellPeer bool) {
 			s.life.endOp()
 		}
 		s.life.close() // fence: from here no operation or hold starts
+		s.settleHolds()
 		close(s.done)
 		if tellPeer && s.wmu.TryLock() {
 			// Best effort and never blocking: the peer also sees the socket
@@ -203,4 +215,29 @@ func (s *Session) closeWith(reason error, tellPeer bool) {
 		}
 		s.conn.Close()
 	})
+}
+
+// settleHolds returns the holds that the caches keep in the word after
+// close has set the closing bit (so no cache refills): the allocator's
+// spare holds and those of the buffers the peer still holds (a buffer
+// still local keeps its own until Free), the release path's, and the Recv
+// turn's if the turn is free (else its holder returns them as it leaves,
+// recvLeave). It must not be called with allocMu, sendMu or relMu held.
+func (s *Session) settleHolds() {
+	s.allocMu.Lock()
+	s.sendMu.Lock() // no Send moves a buffer from local to sent meanwhile
+	n := s.allocHolds + (s.sendCounts.bufs - s.allocCounts.reclaimed)
+	s.allocHolds = 0
+	s.allocClosed = true
+	s.sendMu.Unlock()
+	s.allocMu.Unlock()
+	s.relMu.Lock()
+	n += s.relHolds
+	s.relHolds = 0
+	s.relMu.Unlock()
+	if s.recvTurn.tryTake() {
+		s.settleRecvHolds()
+		s.recvTurn.give()
+	}
+	s.life.dropHolds(int(n))
 }

@@ -55,16 +55,16 @@ func TestLifetime_UnmapOnceWhenLastUserLeaves(t *testing.T) {
 							l.endOp()
 						}
 					case 1:
-						if l.acquireHold() {
+						if l.acquireHolds(1) {
 							active.Add(1)
 							active.Add(-1)
 							l.dropHolds(1)
 						}
-					case 2:
-						if l.beginOp() {
+					case 2: // a cache: a batch taken, handed out, returned in parts
+						if l.acquireHolds(holdBatch) {
 							active.Add(1)
 							active.Add(-1)
-							l.opToHold()
+							l.dropHolds(holdBatch - 1)
 							l.dropHolds(1)
 						}
 					}
@@ -73,7 +73,7 @@ func TestLifetime_UnmapOnceWhenLastUserLeaves(t *testing.T) {
 		}
 		l.close()
 		<-l.drained
-		if l.beginOp() || l.acquireHold() {
+		if l.beginOp() || l.acquireHolds(1) {
 			t.Fatal("a user started after close")
 		}
 		wg.Wait()
@@ -305,6 +305,122 @@ func TestClose_ReleasesEverything(t *testing.T) {
 	}
 }
 
+// The hold caches (the allocator's, the Recv turn's, the release path's)
+// are settled at close: once both sides are closed, each lifetime word
+// counts exactly the buffers still local and the messages still held, so
+// the last Free or Release unmaps, not earlier and not never. Traffic
+// of more than a few batches first leaves every cache partly full.
+func TestClose_SettlesHoldCaches(t *testing.T) {
+	base := memfdCounts(t)
+	for _, closer := range []string{"client", "server"} {
+		t.Run(closer, func(t *testing.T) {
+			cli, srv := pair(t, testConfig(), testConfig())
+			ctx := context.Background()
+			for i := 0; i < 3*holdBatch+7; i++ {
+				send(t, cli, uint64(i), []byte("ping"))
+				m := recvOne(t, srv)
+				srv.Release(&m)
+				send(t, srv, uint64(i), []byte("pong"))
+				m = recvOne(t, cli)
+				cli.Release(&m)
+			}
+			local, err := cli.Alloc(100)
+			if err != nil {
+				t.Fatal(err)
+			}
+			send(t, cli, 1, []byte("held by the server")) // sent, never released
+			send(t, srv, 2, []byte("released late"))      // received below, released after close
+			late := recvOne(t, cli)
+			held := recvOne(t, srv)
+			own, err := srv.Alloc(100) // freed only after close
+			if err != nil {
+				t.Fatal(err)
+			}
+			if closer == "client" {
+				cli.Close()
+			} else {
+				srv.Close()
+			}
+			for _, s := range []*Session{cli, srv} {
+				<-s.Done()
+				s.Close()
+			}
+			holds := func(s *Session) uint64 { return s.life.word.Load() &^ lifeClosing }
+			// Client: the local buffer and the message it holds. Server: its
+			// unfreed buffer and the message it holds. Buffers sent and not
+			// released hold nothing after close.
+			if h := holds(cli); h != 2 {
+				t.Errorf("client lifetime word counts %d holds after close, want 2", h)
+			}
+			if h := holds(srv); h != 2 {
+				t.Errorf("server lifetime word counts %d holds after close, want 2", h)
+			}
+			if err := cli.Free(local); err != nil {
+				t.Fatal(err)
+			}
+			cli.Release(&late)
+			srv.Release(&held)
+			if h := holds(cli); h != 0 {
+				t.Errorf("client: %d holds left", h)
+			}
+			if _, err := srv.Recv(ctx); !errors.Is(err, ErrClosed) {
+				t.Errorf("Recv after close = %v, want ErrClosed", err)
+			}
+			if h := holds(srv); h != 1 { // its own buffer
+				t.Errorf("server: %d holds left, want 1", h)
+			}
+			if err := srv.Free(own); err != nil {
+				t.Fatal(err)
+			}
+			shmtest.WaitBaseline(t, 5*time.Second, "memfd mappings and descriptors after close", base, func() []int { return memfdCounts(t) })
+		})
+	}
+}
+
+// The receiver's counters ride on stores it makes anyway: the message count
+// on the end of the Recv turn, the buffers received on our consumer index
+// (less empty messages). They count exactly, held buffers included, while
+// open and after close.
+func TestStats_ReceiverCountsWithoutOwnAtomics(t *testing.T) {
+	cli, srv := pair(t, testConfig(), testConfig())
+	ctx := context.Background()
+	if err := cli.Send(ctx, 1, 0, 0); err != nil { // empty
+		t.Fatal(err)
+	}
+	send(t, cli, 2, []byte("one"))
+	a, err := cli.Alloc(10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := cli.Alloc(20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cli.Send(ctx, 3, 0, 0, a, b); err != nil {
+		t.Fatal(err)
+	}
+	var held []Message
+	for i := 0; i < 3; i++ {
+		held = append(held, recvOne(t, srv))
+	}
+	check := func(when string, msgs, bytes uint64, heldBufs int64) {
+		t.Helper()
+		st := srv.Stats()
+		if st.MsgsRecv != msgs || st.BytesRecv != bytes || st.HeldFromPeer != heldBufs {
+			t.Errorf("%s: MsgsRecv %d BytesRecv %d HeldFromPeer %d, want %d %d %d",
+				when, st.MsgsRecv, st.BytesRecv, st.HeldFromPeer, msgs, bytes, heldBufs)
+		}
+	}
+	check("all held", 3, 33, 3)
+	srv.Release(&held[1])
+	check("one released", 3, 33, 2)
+	srv.Close()
+	check("after close", 3, 33, 2)
+	srv.Release(&held[2])
+	check("released after close", 3, 33, 0)
+	srv.Release(&held[0])
+}
+
 // Recv returns the zero Message on error: a caller that defers Release does
 // not drop a reference it never had. Before the fix the message came back
 // half filled (id and the first segment) from a corrupt second descriptor.
@@ -392,7 +508,7 @@ func TestRecv_WaitingForTurnHonoursCtx(t *testing.T) {
 		_, err := srv.Recv(context.Background()) // waits until close
 		first <- err
 	}()
-	for !srv.recvTurn.busy.Load() {
+	for !srv.recvTurn.held() {
 		time.Sleep(time.Millisecond)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)

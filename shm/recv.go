@@ -13,26 +13,68 @@ import (
 // (Release of it is a no-op). The message's segments are valid until
 // Release; it keeps the peer's region mapped until then.
 func (s *Session) Recv(ctx context.Context) (Message, error) {
-	if !s.life.beginOp() {
-		return Message{}, s.closedErr()
-	}
 	if err := s.takeRecvTurn(ctx); err != nil {
-		s.life.endOp()
 		return Message{}, err
+	}
+	if !s.recvEnter() {
+		s.recvLeave()
+		return Message{}, s.closedErr()
 	}
 	var m Message
 	err := s.recvLoop(ctx, &m)
-	s.recvTurn.give()
+	if err == nil && m.n > 0 && !m.inline {
+		s.recvHolds-- // the message's hold, dropped by Release
+	}
+	s.recvLeave()
 	if err != nil {
-		s.life.endOp()
 		return Message{}, err
 	}
-	if m.n > 0 && !m.inline {
-		s.life.opToHold() // dropped by Release
-	} else {
-		s.life.endOp()
-	}
 	return m, nil
+}
+
+// recvEnter makes sure the Recv turn has a hold on the mappings before its
+// holder reads the peer's ring; false once closing. Recv turn held.
+func (s *Session) recvEnter() bool {
+	if s.life.closed() {
+		return false
+	}
+	if s.recvHolds == 0 {
+		if !s.life.acquireHolds(holdBatch) {
+			return false
+		}
+		s.recvHolds = holdBatch
+	}
+	return true
+}
+
+// recvLeave gives the Recv turn back. After close, the turn's holds are
+// returned by whoever holds the turn then: its holder on the way out, or
+// close if the turn is free. Close sets the closing bit and then tries the
+// turn; a holder gives the turn and then checks the bit. Both are
+// sequentially consistent, so one of the two sees the other (as in the
+// wake protocol), and a later holder settles at its own leave.
+func (s *Session) recvLeave() {
+	if s.life.closed() {
+		s.settleRecvHolds()
+	}
+	s.recvTurn.give()
+	if s.life.closed() && s.recvTurn.tryTake() {
+		s.settleRecvHolds()
+		s.recvTurn.give()
+	}
+}
+
+// settleRecvHolds returns the Recv turn's holds once closing. Recv turn
+// held.
+func (s *Session) settleRecvHolds() {
+	n := s.recvHolds
+	s.recvHolds = 0
+	if !s.recvSettled {
+		s.recvSettled = true
+		s.finalHead = s.peerHead // no message is received after this
+		close(s.recvDrained)
+	}
+	s.life.dropHolds(int(n))
 }
 
 // takeRecvTurn waits for the Recv turn, until ctx is done or the session
@@ -58,8 +100,8 @@ func (s *Session) takeRecvTurn(ctx context.Context) error {
 	}
 }
 
-// recvLoop polls and waits as the wake mode says. Recv turn held, inside
-// an operation.
+// recvLoop polls and waits as the wake mode says. Recv turn held, with
+// its holds.
 func (s *Session) recvLoop(ctx context.Context, m *Message) error {
 	var start, spinStart time.Time
 	var budget time.Duration
@@ -131,7 +173,7 @@ func (s *Session) recvLoop(ctx context.Context, m *Message) error {
 
 // tryRecv takes the next message if there is one. Every value read from
 // the peer's region is copied, then checked; a bad one closes the session.
-// Recv turn held, inside an operation.
+// Recv turn held, with its holds.
 func (s *Session) tryRecv(m *Message) (bool, error) {
 	if len(s.inlineQ) > 0 {
 		select {
@@ -220,11 +262,15 @@ func (s *Session) tryRecv(m *Message) (bool, error) {
 	m.inline = false
 	s.peerHead = head + n
 	atomic.StoreUint64(&s.localHdr.PeerRingHead, s.peerHead)
-	c := &s.events
-	c.msgs.Add(1)
+	// Counted without read-modify-writes of their own: the message count
+	// rides on the store that ends the turn, and the buffers received are
+	// the descriptors consumed (the index just stored) but those of empty
+	// messages (segsReceived).
+	s.recvTurn.count++
 	if m.n > 0 {
-		c.segs.Add(uint64(m.n))
-		c.bytes.Add(uint64(m.Len()))
+		s.events.bytes.Add(uint64(m.Len()))
+	} else {
+		s.events.emptyRecv.Add(1)
 	}
 	return true, nil
 }
@@ -258,7 +304,8 @@ func (s *Session) Release(m *Message) {
 			m.regs[i] = 0
 		}
 	}
-	// The message's hold keeps both mappings until the end of this call.
+	// The message's hold keeps both mappings until it is dropped or, while
+	// the session is open, kept in relHolds (returned in batches).
 	entries := s.local.geo.relEntries
 	s.relMu.Lock()
 	s.released += uint64(n)
@@ -278,8 +325,16 @@ func (s *Session) Release(m *Message) {
 		s.relTail++
 	}
 	atomic.StoreUint64(&s.localHdr.RelTail, s.relTail) // publishes the entries
+	// Close sets the closing bit before it settles relHolds under relMu,
+	// so a hold kept here (the bit was clear above) is settled with them.
+	var drop uint64
+	if s.relHolds++; s.relHolds >= 2*holdBatch {
+		drop, s.relHolds = holdBatch, s.relHolds-holdBatch
+	}
 	s.relMu.Unlock()
-	s.life.dropHolds(1)
+	if drop > 0 {
+		s.life.dropHolds(int(drop))
+	}
 }
 
 // ctxDone reports whether ctx is done, without blocking.

@@ -9,11 +9,31 @@ import (
 	"time"
 )
 
-// A slot word (Session.slotWords) is gen<<32 | state. The generation grows
-// with each allocation of the slot, so a stale Buffer never matches.
-const slotSending = 3 // being published by Send; not yet the peer's
+// A slot word (Session.slotWords) is gen<<32 | state, slotLocal or
+// slotSent. Its changes of hands are compare-and-swaps: Send local(g) →
+// sent(g); Free local(g) → local(g+1); reclaiming the peer's release
+// sent(g) → local(g+1). A free slot thus already reads local with the
+// generation its next Alloc hands out, so Alloc needs no store: no Buffer of
+// that generation exists before that Alloc (a Buffer's fields are
+// unexported; one comes only from Alloc), so Send and Free cannot take a
+// free slot, and a stale Buffer (an older generation) is refused as freed.
+// Which slots are free is the allocator's free stack's to say, under
+// allocMu; the region's buffer table shows free slots as slotFree.
 
 func slotWord(gen, state uint32) uint64 { return uint64(gen)<<32 | uint64(state) }
+
+// nextGen is the generation after g. Generation 0 is never handed out: a
+// zero Buffer matches nothing.
+func nextGen(g uint32) uint32 {
+	if g++; g == 0 {
+		g = 1
+	}
+	return g
+}
+
+// freedWord is the word of a slot freed from generation gen: ready for the
+// next Alloc.
+func freedWord(gen uint32) uint64 { return slotWord(nextGen(gen), slotLocal) }
 
 // Alloc allocates a buffer of n bytes in one of our regions. It fails with
 // ErrTooLarge, ErrQuota (MaxBuffers in flight), ErrNoMemory (no free block
@@ -28,14 +48,27 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 		s.events.tooLarge.Add(1)
 		return Buffer{}, fmt.Errorf("%w: %d bytes, maximum %d", ErrTooLarge, n, s.cfg.MaxMessageSize)
 	}
-	if !s.life.acquireHold() { // the buffer's hold, dropped by Send or Free
-		return Buffer{}, s.closedErr()
-	}
 	for attempt := 0; ; attempt++ {
 		s.allocMu.Lock()
+		// The closing bit fences Alloc; allocClosed says close has
+		// settled the allocator's holds (lifetime.go).
+		if s.allocClosed || s.life.closed() {
+			s.allocMu.Unlock()
+			return Buffer{}, s.closedErr()
+		}
+		// At least one hold in the cache before the mappings are touched:
+		// the closing bit may be set from here on, and close drops the
+		// session's hold before it can take allocMu to settle ours. The
+		// buffer takes one; reclaim or Free gives it back.
+		if s.allocHolds == 0 {
+			if !s.life.acquireHolds(holdBatch) {
+				s.allocMu.Unlock()
+				return Buffer{}, s.closedErr()
+			}
+			s.allocHolds = holdBatch
+		}
 		if err := s.reclaimLocked(); err != nil {
 			s.allocMu.Unlock()
-			s.life.dropHolds(1)
 			s.fail(err)
 			return Buffer{}, s.closedErr()
 		}
@@ -43,11 +76,11 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 			s.allocCounts.failed++
 			s.allocCounts.quotaHits++
 			s.allocMu.Unlock()
-			s.life.dropHolds(1)
 			return Buffer{}, ErrQuota
 		}
 		lr, off, k, ok := s.allocAnyLocked(uint64(n))
 		if ok {
+			s.allocHolds--
 			b := s.takeSlotLocked(lr, off, k, n)
 			s.allocMu.Unlock()
 			return b, nil
@@ -65,23 +98,30 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 			s.countGrowFailLocked(err)
 			s.allocMu.Unlock()
 			s.flushCtrl() // shrink frames of regions released to make way
-			s.life.dropHolds(1)
 			return Buffer{}, err
 		}
+		// A hold of our own while the step runs outside allocMu: the
+		// region it makes must not outlive the final unmap.
+		s.allocHolds--
 		s.allocMu.Unlock()
 		if start {
 			s.startGrow(g, index, size)
 		}
-		if err := s.waitGrow(g); err != nil {
-			if errors.Is(err, ErrClosed) {
-				s.life.dropHolds(1)
-				return Buffer{}, err
-			}
-			s.allocMu.Lock()
+		err = s.waitGrow(g)
+		s.allocMu.Lock()
+		if err != nil && !errors.Is(err, ErrClosed) {
 			s.allocCounts.failed++
 			s.countGrowFailLocked(err)
-			s.allocMu.Unlock()
+		}
+		drop := s.allocClosed
+		if !drop {
+			s.allocHolds++
+		}
+		s.allocMu.Unlock()
+		if drop {
 			s.life.dropHolds(1)
+		}
+		if err != nil {
 			return Buffer{}, err
 		}
 	}
@@ -92,17 +132,12 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 func (s *Session) takeSlotLocked(lr *localRegion, off uint64, k uint8, n int) Buffer {
 	slot := s.freeSlots[len(s.freeSlots)-1]
 	s.freeSlots = s.freeSlots[:len(s.freeSlots)-1]
-	w := &s.slotWords[slot]
-	gen := uint32(w.Load()>>32) + 1
-	if gen == 0 {
-		gen = 1 // generation 0 is never handed out: a zero Buffer matches nothing
-	}
+	gen := uint32(s.slotWords[slot].Load() >> 32) // local(gen) since the slot was freed
 	size := uint64(MinBlockSize) << k
 	m := &s.local.slots[slot]
 	m.Off, m.Size, m.Len, m.Gen, m.ID, m.Aux, m.Region = off, uint32(size), uint32(n), gen, 0, 0, lr.index
 	m.Time = s.coarseNow.Load()
 	m.State = slotLocal
-	w.Store(slotWord(gen, slotLocal))
 	lr.inUse++
 	lr.idle = 0
 	s.allocCounts.allocs++
@@ -120,14 +155,20 @@ func (s *Session) Free(b Buffer) error {
 	if !s.ours(b) {
 		return ErrForeignBuffer
 	}
-	if err := s.takeLocal(b, slotFree); err != nil {
+	if err := s.takeLocal(b, freedWord(b.gen)); err != nil {
 		return err
 	}
-	// The slot is ours alone now, and our hold keeps the mapping.
+	// The slot is ours alone now, and its hold keeps the mapping.
 	s.allocMu.Lock()
 	s.freeSlotLocked(b.slot)
+	drop := s.allocClosed // settled: the buffer's hold is in the word
+	if !drop {
+		s.allocHolds++
+	}
 	s.allocMu.Unlock()
-	s.life.dropHolds(1)
+	if drop {
+		s.life.dropHolds(1)
+	}
 	return nil
 }
 
@@ -146,23 +187,31 @@ func (s *Session) ours(b Buffer) bool {
 	return false
 }
 
-// takeLocal moves b's slot from local to state by compare-and-swap, or says
-// why b is not a local buffer of this session. A slot seen local again (a
-// concurrent Send that failed and gave it back) is retried.
-func (s *Session) takeLocal(b Buffer, state uint32) error {
+// takeLocal moves b's slot from local to the word to by compare-and-swap,
+// or says why b is not a local buffer of this session. A slot seen local
+// again (a concurrent Send that failed and gave it back) is retried.
+func (s *Session) takeLocal(b Buffer, to uint64) error {
 	w := &s.slotWords[b.slot]
 	for {
-		if w.CompareAndSwap(slotWord(b.gen, slotLocal), slotWord(b.gen, state)) {
+		if w.CompareAndSwap(slotWord(b.gen, slotLocal), to) {
 			return nil
 		}
-		v := w.Load()
-		switch {
-		case uint32(v>>32) != b.gen || uint32(v) == slotFree:
-			return ErrBufferFreed
-		case uint32(v) == slotSent || uint32(v) == slotSending:
-			return ErrBufferSent
+		if err := notLocal(b, w.Load()); err != nil {
+			return err
 		}
 	}
+}
+
+// notLocal says why slot word v does not make b a local buffer, or nil if
+// it does.
+func notLocal(b Buffer, v uint64) error {
+	switch {
+	case uint32(v>>32) != b.gen:
+		return ErrBufferFreed
+	case uint32(v) == slotSent:
+		return ErrBufferSent
+	}
+	return nil
 }
 
 // freeSlotLocked returns a slot whose word was just set free (by Free or by
@@ -186,6 +235,9 @@ func (s *Session) freeSlotLocked(slot uint32) {
 // that names a buffer the peer does not hold is corrupt input. allocMu
 // held, inside an operation or hold.
 func (s *Session) reclaimLocked() error {
+	if s.allocClosed {
+		return nil // the holds of the buffers the peer held are settled
+	}
 	tail := atomic.LoadUint64(&s.peerHdr.RelTail)
 	head := s.peerRelHead
 	if tail == head {
@@ -201,10 +253,11 @@ func (s *Session) reclaimLocked() error {
 		if slot >= uint32(len(s.slotWords)) {
 			return fmt.Errorf("%w: release of slot %d, only %d slots", ErrCorrupt, slot, len(s.slotWords))
 		}
-		if !s.slotWords[slot].CompareAndSwap(slotWord(gen, slotSent), slotWord(gen, slotFree)) {
+		if !s.slotWords[slot].CompareAndSwap(slotWord(gen, slotSent), freedWord(gen)) {
 			return fmt.Errorf("%w: release of slot %d generation %d, which the peer does not hold", ErrCorrupt, slot, gen)
 		}
 		s.freeSlotLocked(slot)
+		s.allocHolds++ // the buffer's hold, back to the cache
 		s.allocCounts.reclaimed++
 	}
 	s.peerRelHead = head
@@ -234,60 +287,74 @@ func (s *Session) reclaim() {
 // already, or by a concurrent Send), ErrBufferFreed, ErrDuplicateBuffer (named
 // twice in bufs), ErrForeignBuffer. Send blocks only while our ring is full,
 // until there is room, ctx is done or the session closes.
+//
+// The buffers' holds keep the mappings (lifetime.go): a buffer is local
+// until the compare-and-swap that makes it sent, and a sent buffer keeps its
+// hold until the peer releases it or close settles it. Only an empty
+// message needs an operation of its own.
 func (s *Session) Send(ctx context.Context, id, aux uint64, kind uint16, bufs ...Buffer) error {
 	if len(bufs) > MaxSegments {
 		return fmt.Errorf("%w: %d segments, at most %d", ErrTooLarge, len(bufs), MaxSegments)
 	}
-	if !s.life.beginOp() {
-		return s.closedErr()
-	}
 	var total uint64
 	for i, b := range bufs {
 		if !s.ours(b) {
-			s.life.endOp()
 			return ErrForeignBuffer
 		}
 		for _, p := range bufs[:i] {
 			if p.slot == b.slot {
-				s.life.endOp()
 				return fmt.Errorf("%w: slot %d", ErrDuplicateBuffer, b.slot)
 			}
 		}
-		total += uint64(len(b.b))
-	}
-	for i, b := range bufs {
-		if err := s.takeLocal(b, slotSending); err != nil {
-			s.unsend(bufs[:i])
-			s.life.endOp()
+		// Refused at once, not after a wait for room in the ring; the
+		// compare-and-swap under sendMu decides.
+		if err := notLocal(b, s.slotWords[b.slot].Load()); err != nil {
 			return err
 		}
-		// The slot is ours now: the buffer must be its memory.
+		total += uint64(len(b.b))
+	}
+	if len(bufs) == 0 {
+		if !s.life.beginOp() {
+			return s.closedErr()
+		}
+		defer s.life.endOp()
+	}
+	return s.publish(ctx, id, aux, kind, bufs, total)
+}
+
+// takeForSend moves each buffer's slot from local to sent by
+// compare-and-swap and checks that the buffer is its slot's memory. On
+// error the slots it took are local again and nothing else changed. sendMu
+// held; the mappings are kept by the buffers' holds once their slots are
+// ours.
+func (s *Session) takeForSend(bufs []Buffer) error {
+	for i, b := range bufs {
+		if err := s.takeLocal(b, slotWord(b.gen, slotSent)); err != nil {
+			s.unsend(bufs[:i])
+			return err
+		}
 		m := &s.local.slots[b.slot]
 		sp := s.spans[m.Region%MaxRegions].Load()
 		if sp == nil || uint64(len(b.b)) > uint64(m.Len) || addrOf(b.b) != sp.base+uintptr(m.Off) {
 			s.unsend(bufs[:i+1])
-			s.life.endOp()
 			return ErrForeignBuffer
 		}
 	}
-	if err := s.publish(ctx, id, aux, kind, bufs, total); err != nil {
-		s.unsend(bufs)
-		s.life.endOp()
-		return err
-	}
-	s.life.endOpDropHolds(len(bufs)) // the buffers' holds pass with them
 	return nil
 }
 
-// unsend gives buffers marked sending back to the caller.
+// unsend gives buffers that takeForSend marked sent back to the caller. A
+// slot that is no longer sent was released by a corrupt peer before we
+// published it: it is free, and stays so.
 func (s *Session) unsend(bufs []Buffer) {
 	for _, b := range bufs {
-		s.slotWords[b.slot].Store(slotWord(b.gen, slotLocal))
+		s.slotWords[b.slot].CompareAndSwap(slotWord(b.gen, slotSent), slotWord(b.gen, slotLocal))
 	}
 }
 
 // publish writes the descriptors of one message and moves our tail, then
-// wakes the peer if it sleeps. Inside an operation.
+// wakes the peer if it sleeps. Its buffers' holds, or an operation for an
+// empty message, keep the mappings.
 func (s *Session) publish(ctx context.Context, id, aux uint64, kind uint16, bufs []Buffer, total uint64) error {
 	nd := uint64(len(bufs))
 	if nd == 0 {
@@ -296,6 +363,8 @@ func (s *Session) publish(ctx context.Context, id, aux uint64, kind uint16, bufs
 	entries := s.local.geo.ringEntries
 	s.sendMu.Lock()
 	for {
+		// Close settles the holds of sent buffers under sendMu after it
+		// sets the closing bit: a buffer sent here was counted by then.
 		if s.life.closed() {
 			s.sendMu.Unlock()
 			return s.closedErr()
@@ -312,15 +381,27 @@ func (s *Session) publish(ctx context.Context, id, aux uint64, kind uint16, bufs
 			break
 		}
 		s.sendMu.Unlock()
+		// Outside sendMu the buffers are still the caller's, and a
+		// concurrent Free after close could drop their holds: the wait
+		// reads the peer's header inside an operation of its own.
+		if !s.life.beginOp() {
+			return s.closedErr()
+		}
 		// tail is a copy taken under sendMu: other senders may move the
 		// real one, and the peer's head may then pass our copy, so the
 		// difference is signed. Ready only means "recheck under the lock".
-		if err := s.backoff(ctx, func() bool {
+		err := s.backoff(ctx, func() bool {
 			return int64(tail+nd-atomic.LoadUint64(&s.peerHdr.PeerRingHead)) <= int64(entries)
-		}); err != nil {
+		})
+		s.life.endOp()
+		if err != nil {
 			return err
 		}
 		s.sendMu.Lock()
+	}
+	if err := s.takeForSend(bufs); err != nil {
+		s.sendMu.Unlock()
+		return err
 	}
 	now := s.coarseNow.Load()
 	mask := entries - 1
@@ -331,7 +412,6 @@ func (s *Session) publish(ctx context.Context, id, aux uint64, kind uint16, bufs
 	for i, b := range bufs {
 		m := &s.local.slots[b.slot]
 		m.ID, m.Aux, m.Time, m.State = id, aux, now, slotSent
-		s.slotWords[b.slot].Store(slotWord(b.gen, slotSent))
 		var flags uint16
 		if i < len(bufs)-1 {
 			flags = descMore

@@ -53,9 +53,10 @@ type Session struct {
 	peerCap   uint64   // most bytes of our regions the peer maps (its hello)
 
 	// slotWords is the state of each of our buffer slots, gen<<32|state, in
-	// the Go heap: Send and Free change it by compare-and-swap, so a buffer
-	// changes hands once, and a stale Buffer is refused without touching the
-	// mapping. The region's buffer table mirrors it for operators.
+	// the Go heap: Send, Free and reclaim change it by compare-and-swap
+	// (send.go), so a buffer changes hands once, and a stale Buffer is
+	// refused without touching the mapping. The region's buffer table
+	// mirrors it for operators.
 	slotWords []atomic.Uint64
 	spans     [MaxRegions]atomic.Pointer[arenaSpan] // our arenas, to tell our Buffers from others'
 	coarseNow atomic.Int64                          // unix nanoseconds of the last housekeeping pass
@@ -78,6 +79,13 @@ type Session struct {
 	leakLogged  []uint32 // generation of the slot last logged as a leak
 	allocCounts allocCounters
 	growCounts  growCounters
+	// allocHolds are holds taken from life in batches and not yet given to
+	// a buffer. A buffer in use (local, or sent and not reclaimed) has one
+	// more, which Free and reclaim give back here. allocClosed: close has
+	// settled them (settleHolds); Alloc then refuses, and Free drops its
+	// buffer's hold from the word.
+	allocHolds  uint64
+	allocClosed bool
 
 	_ cacheLinePad
 	// sendMu guards localTail, the producer index of our send ring, and
@@ -89,10 +97,19 @@ type Session struct {
 
 	_ cacheLinePad
 	// recvTurn admits one Recv at a time; the holder owns peerHead (our
-	// consumer index of the peer's send ring) and waitAvg.
+	// consumer index of the peer's send ring), recvTurn.count (messages
+	// received through the ring), waitAvg, recvHolds (holds
+	// taken from life in batches: they keep the mappings while the holder
+	// reads the peer's ring, and each received message with segments takes
+	// one) and recvSettled (they were returned after close, and
+	// recvDrained closed).
 	recvTurn    turn
 	peerHead    uint64
-	waitAvg     int64 // typical wait in nanoseconds, for the spin policy (wake.go)
+	recvHolds   uint64
+	recvSettled bool
+	recvDrained chan struct{}
+	finalHead   uint64 // peerHead when the turn settled; read after recvDrained
+	waitAvg     int64  // typical wait in nanoseconds, for the spin policy (wake.go)
 	events      eventCounters
 	recvWake    chan struct{}
 	inlineQ     chan Message
@@ -100,11 +117,13 @@ type Session struct {
 	inlineRoom  chan struct{} // signalled when a queued inline message is taken
 
 	_ cacheLinePad
-	// relMu guards relTail, the producer index of our release ring, and
-	// released (peer buffers released by us).
+	// relMu guards relTail, the producer index of our release ring,
+	// released (peer buffers released by us) and relHolds (holds of
+	// released messages, returned to life in batches; settled by close).
 	relMu    sync.Mutex
 	relTail  uint64
 	released uint64
+	relHolds uint64
 
 	// wmu serialises writes to conn. Nobody waits for it while closing:
 	// close unblocks a writer by closing conn.
@@ -127,17 +146,18 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 	s := &Session{
 		cfg: cfg, conn: conn, role: role, local: local, peer: peer,
 		localHdr: local.hdr, peerHdr: peer.hdr, peerPID: peerPID, peerUID: peerUID,
-		peerMax:    peer.geo.maxMessage,
-		inlineMax:  cfg.maxInline(),
-		peerInMax:  peerMaxInline,
-		peerCap:    peerCap,
-		committed:  local.geo.size,
-		recvTurn:   newTurn(),
-		recvWake:   make(chan struct{}, 1),
-		inlineQ:    make(chan Message, inlineQueueLen),
-		inlineRoom: make(chan struct{}, 1),
-		done:       make(chan struct{}),
-		readerEnd:  make(chan struct{}),
+		peerMax:     peer.geo.maxMessage,
+		inlineMax:   cfg.maxInline(),
+		peerInMax:   peerMaxInline,
+		peerCap:     peerCap,
+		committed:   local.geo.size,
+		recvTurn:    newTurn(),
+		recvDrained: make(chan struct{}),
+		recvWake:    make(chan struct{}, 1),
+		inlineQ:     make(chan Message, inlineQueueLen),
+		inlineRoom:  make(chan struct{}, 1),
+		done:        make(chan struct{}),
+		readerEnd:   make(chan struct{}),
 	}
 	s.recvLimit = min(uint64(cfg.MaxMessageSize), s.peerMax)
 	n := uint32(local.geo.slotCount)
@@ -149,6 +169,7 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 	s.freeSlots = make([]uint32, n)
 	for i := range s.freeSlots {
 		s.freeSlots[i] = n - 1 - uint32(i)
+		s.slotWords[i].Store(freedWord(0)) // free: ready for generation 1 (send.go)
 	}
 	s.leakLogged = make([]uint32, n)
 	s.waitAvg = int64(cfg.SpinTime / 2)
@@ -172,20 +193,34 @@ func (s *Session) PeerPID() int    { return int(s.peerPID) }
 func (s *Session) PeerUID() uint32 { return s.peerUID }
 
 // turn admits one goroutine at a time, and lets a waiting one give up when
-// its ctx ends or the session closes (a sync.Mutex cannot).
+// its ctx ends or the session closes (a sync.Mutex cannot). Its word also
+// carries a count the holder keeps (the messages received through the
+// ring), published by the store that ends each turn, so that counting
+// costs no read-modify-write of its own.
 type turn struct {
-	busy    atomic.Bool
+	word    atomic.Uint64 // count<<1 | held
+	count   uint64        // the holder's count; published by give
 	waiters atomic.Int32
 	free    chan struct{}
 }
 
 func newTurn() turn { return turn{free: make(chan struct{}, 1)} }
 
-func (t *turn) tryTake() bool { return !t.busy.Load() && t.busy.CompareAndSwap(false, true) }
+func (t *turn) tryTake() bool {
+	w := t.word.Load()
+	return w&1 == 0 && t.word.CompareAndSwap(w, w|1)
+}
 
-// give ends the holder's turn and wakes a waiter if there is one.
+// held reports whether someone holds the turn.
+func (t *turn) held() bool { return t.word.Load()&1 != 0 }
+
+// published is the count as of the end of the last turn.
+func (t *turn) published() uint64 { return t.word.Load() >> 1 }
+
+// give ends the holder's turn, publishing its count, and wakes a waiter if
+// there is one.
 func (t *turn) give() {
-	t.busy.Store(false)
+	t.word.Store(t.count << 1)
 	if t.waiters.Load() > 0 {
 		select {
 		case t.free <- struct{}{}:

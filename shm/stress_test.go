@@ -272,7 +272,9 @@ func stressInProcess(t *testing.T, seed uint64, n int) {
 		}
 		sem <- struct{}{}
 		wg.Add(2)
-		closeAt := time.Duration(rng.IntN(15000)) * time.Microsecond
+		// At least 1µs: stressSession takes 0 as "never close", and a pair
+		// that never closes runs until the test's timeout.
+		closeAt := time.Duration(1+rng.IntN(15000)) * time.Microsecond
 		first, second := cli, srv
 		if rng.IntN(2) == 0 {
 			first, second = srv, cli
