@@ -424,6 +424,23 @@ func (d *data) scaleSection(b *strings.Builder, charts []chart) {
 	table(b, []string{"transport", "light clients", "calls/s", "p50 µs", "p99 µs", "CPU µs/call", "server RSS MiB",
 		"server shm committed MiB (both sides)", "committed MiB per session, server side", "committed MiB per session, both sides",
 		"mapped MiB per session", "client RSS MiB", "heavy client"}, rows)
+	for _, r := range d.scale {
+		if r.Transport != "kshm" || r.Clients != 32 || r.Rounds == 0 || r.ServerOwnShmCommitted == 0 {
+			continue
+		}
+		per := r.ServerOwnShmCommitted / 1024 / float64(r.Sessions())
+		status := "met, within the aim of 4 MiB"
+		switch {
+		case per > 8:
+			status = "not met"
+		case per > 4:
+			status = "met (≤ 8 MiB), above the aim of 4 MiB"
+		}
+		fmt.Fprintf(b, "Goal (issue 11): with 32 light client processes the server commits at most 8 MiB of shared memory "+
+			"per session, aim 4 MiB. Measured: %.1f MiB per session of the server's own regions (%d sessions, the heavy "+
+			"client's included; %.1f MiB with its clients' regions): %s.\n\n",
+			per, r.Sessions(), r.ServerShmCommitted/1024/float64(r.Sessions()), status)
+	}
 }
 
 // notAhead lists, honestly, every case where the default kshm mode is
