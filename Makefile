@@ -58,7 +58,8 @@ bench:
 
 # Chaos soak: client and server processes killed and restarted at random,
 # and the server replaced (a new one with the same options, the old one
-# SIGTERMed: no call may fail), every response verified, no buffer or
+# SIGTERMed: no call may fail), while regions grow and shrink under bursts
+# and calms of traffic; every response verified, no buffer, region or
 # descriptor leaked (SOAK=duration).
 SOAK ?= 10m
 soak: soak-engine

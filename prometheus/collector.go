@@ -103,6 +103,22 @@ var metrics = []struct {
 		"result", func(s *kshm.Stats) []float64 { return f(s.Engine.WakeupsSent, s.Engine.WakeupsSaved) }), []string{"sent", "saved"}},
 	{counter("corrupt_sessions_total", "Sessions closed because the peer sent corrupt data.", "",
 		func(s *kshm.Stats) []float64 { return f(s.Engine.Corrupt) }), nil},
+	// Regions that grow and shrink (a session starts with a small region
+	// and adds regions up to its maximum when messages need room).
+	{counter("region_grows_total", "Regions added to sessions because messages needed room.", "",
+		func(s *kshm.Stats) []float64 { return f(s.Engine.Grows) }), nil},
+	{counter("region_shrinks_total", "Grown regions released once idle.", "",
+		func(s *kshm.Stats) []float64 { return f(s.Engine.Shrinks) }), nil},
+	{counter("grow_fallbacks_total", "Allocations refused because the regions could not grow: this side's maximum reached (limit), the peer's cap reached or no acknowledgement (peer_limit), no memory to back a region (memory).",
+		"reason", func(s *kshm.Stats) []float64 {
+			return f(s.Engine.GrowFallbacks.Limit, s.Engine.GrowFallbacks.PeerLimit, s.Engine.GrowFallbacks.Memory)
+		}), []string{"limit", "peer_limit", "memory"}},
+	{gauge("regions", "Regions of open sessions: this process's own (own) and the peers' it maps (peer).",
+		"owner", func(s *kshm.Stats) []float64 { return g(s.Engine.Regions, s.Engine.PeerRegions) }), []string{"own", "peer"}},
+	{gauge("region_committed_bytes", "Bytes of this process's own regions over open sessions (committed: every page reserved).", "",
+		func(s *kshm.Stats) []float64 { return f(s.Engine.CommittedBytes) }), nil},
+	{gauge("peer_region_mapped_bytes", "Bytes of the peers' regions this process maps over open sessions.", "",
+		func(s *kshm.Stats) []float64 { return f(s.Engine.PeerMappedBytes) }), nil},
 }
 
 // Describe implements prometheus.Collector.

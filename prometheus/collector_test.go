@@ -31,7 +31,9 @@ func TestCollector_Values(t *testing.T) {
 		Sessions: 3, CallsSent: 10, CallsServed: 20, FallbackCalls: 4, InlineRequests: 5, InlineResponses: 6,
 		InlineNoMemory: 7, InlineQuota: 1, InlineTooLarge: 3, InUseBuffers: 8, InUseBytes: 4096,
 		ClientConns: 2, ServerConns: 9,
-		Engine: shm.Stats{Allocs: 100, FailedAllocs: 11, MsgsSent: 50, MsgsRecv: 49, WakeupsSent: 12, WakeupsSaved: 88, Corrupt: 1},
+		Engine: shm.Stats{Allocs: 100, FailedAllocs: 11, MsgsSent: 50, MsgsRecv: 49, WakeupsSent: 12, WakeupsSaved: 88, Corrupt: 1,
+			CommittedBytes: 6 << 20, PeerMappedBytes: 5 << 20, Regions: 3, PeerRegions: 2, Grows: 7, Shrinks: 4,
+			GrowFallbacks: shm.GrowFallbacks{Limit: 13, PeerLimit: 2, Memory: 1}},
 	}
 	c := &Collector{read: func() kshm.Stats { return st }}
 	reg := prometheus.NewPedanticRegistry()
@@ -67,14 +69,36 @@ kshm_virtual_connections{role="server"} 9
 # HELP kshm_corrupt_sessions_total Sessions closed because the peer sent corrupt data.
 # TYPE kshm_corrupt_sessions_total counter
 kshm_corrupt_sessions_total 1
+# HELP kshm_region_grows_total Regions added to sessions because messages needed room.
+# TYPE kshm_region_grows_total counter
+kshm_region_grows_total 7
+# HELP kshm_region_shrinks_total Grown regions released once idle.
+# TYPE kshm_region_shrinks_total counter
+kshm_region_shrinks_total 4
+# HELP kshm_grow_fallbacks_total Allocations refused because the regions could not grow: this side's maximum reached (limit), the peer's cap reached or no acknowledgement (peer_limit), no memory to back a region (memory).
+# TYPE kshm_grow_fallbacks_total counter
+kshm_grow_fallbacks_total{reason="limit"} 13
+kshm_grow_fallbacks_total{reason="memory"} 1
+kshm_grow_fallbacks_total{reason="peer_limit"} 2
+# HELP kshm_regions Regions of open sessions: this process's own (own) and the peers' it maps (peer).
+# TYPE kshm_regions gauge
+kshm_regions{owner="own"} 3
+kshm_regions{owner="peer"} 2
+# HELP kshm_region_committed_bytes Bytes of this process's own regions over open sessions (committed: every page reserved).
+# TYPE kshm_region_committed_bytes gauge
+kshm_region_committed_bytes 6.291456e+06
+# HELP kshm_peer_region_mapped_bytes Bytes of the peers' regions this process maps over open sessions.
+# TYPE kshm_peer_region_mapped_bytes gauge
+kshm_peer_region_mapped_bytes 5.24288e+06
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "kshm_sessions", "kshm_calls_total",
 		"kshm_inline_reasons_total", "kshm_buffers_in_use", "kshm_allocations_total", "kshm_wakeups_total",
-		"kshm_virtual_connections", "kshm_corrupt_sessions_total"); err != nil {
+		"kshm_virtual_connections", "kshm_corrupt_sessions_total", "kshm_region_grows_total", "kshm_region_shrinks_total",
+		"kshm_grow_fallbacks_total", "kshm_regions", "kshm_region_committed_bytes", "kshm_peer_region_mapped_bytes"); err != nil {
 		t.Fatal(err)
 	}
-	if n := testutil.CollectAndCount(c); n != 28 {
-		t.Errorf("%d series, want 28", n)
+	if n := testutil.CollectAndCount(c); n != 37 {
+		t.Errorf("%d series, want 37", n)
 	}
 }
 
@@ -138,4 +162,31 @@ func TestCollector_LiveSession(t *testing.T) {
 		vals["kshm_messages_total/received"] < 1 || vals["kshm_message_bytes_total/sent"] < 1000 {
 		t.Fatalf("live counters not exported: %v", vals)
 	}
+}
+
+// gather scrapes c through a registry: each series by name and label
+// values ("kshm_regions/own").
+func gather(t testing.TB, c prometheus.Collector) map[string]float64 {
+	t.Helper()
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(c)
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	vals := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			key := mf.GetName()
+			for _, lp := range m.GetLabel() {
+				key += "/" + lp.GetValue()
+			}
+			if m.GetGauge() != nil {
+				vals[key] = m.GetGauge().GetValue()
+			} else {
+				vals[key] = m.GetCounter().GetValue()
+			}
+		}
+	}
+	return vals
 }

@@ -224,6 +224,10 @@ func (c *Config) maxBuffers() int {
 	return c.MaxBuffers
 }
 
+// InitialRegion is the size of the region a session of this configuration
+// starts with: InitialRegionSize, or its default (see InitialRegionSize).
+func (c *Config) InitialRegion() int { return c.initialRegion() }
+
 // initialRegion is the size of the base region (see InitialRegionSize).
 func (c *Config) initialRegion() int {
 	if c.InitialRegionSize != 0 {

@@ -27,6 +27,7 @@ import (
 	"github.com/shmkit/kshm"
 	"github.com/shmkit/kshm/example/kitex_gen/echo"
 	"github.com/shmkit/kshm/example/kitex_gen/echo/echoservice"
+	"github.com/shmkit/kshm/shm"
 )
 
 // Child processes: the role and settings come in the environment.
@@ -36,7 +37,9 @@ const (
 	envAddr    = "KSHM_SOAK_ADDR" // the server's TCP address, shared with SO_REUSEPORT
 	envID      = "KSHM_SOAK_ID"
 	envG       = "KSHM_SOAK_G"
-	envRegion  = "KSHM_SOAK_REGION"
+	envRegion  = "KSHM_SOAK_REGION"      // the most a session side's regions hold
+	envInitial = "KSHM_SOAK_INIT_REGION" // the region a session starts with
+	envShrink  = "KSHM_SOAK_SHRINK_MS"   // ShrinkAfter, ms
 	envMaxMsg  = "KSHM_SOAK_MAXMSG"
 	envMaxPay  = "KSHM_SOAK_MAXPAY"
 	envTimeout = "KSHM_SOAK_TIMEOUT"
@@ -123,19 +126,50 @@ func (*echoHandler) Sleep(ctx context.Context, req *echo.EchoRequest, millis int
 
 func (*echoHandler) Notify(ctx context.Context, req *echo.EchoRequest) error { return nil }
 
+// shmOptions: sessions start with a small region and grow up to envRegion
+// when messages need room, releasing grown regions idle for envShrink (the
+// engine's ShrinkAfter, which only the whole engine configuration sets).
 func shmOptions() []kshm.Option {
+	cfg := shm.DefaultConfig()
+	cfg.RegionSize = envInt(envRegion)
+	cfg.InitialRegionSize = envInt(envInitial)
+	cfg.MaxMessageSize = envInt(envMaxMsg)
+	cfg.ShrinkAfter = time.Duration(envInt(envShrink)) * time.Millisecond
 	return []kshm.Option{
 		kshm.WithSocketPath(os.Getenv(envSock)),
-		kshm.WithRegionSize(envInt(envRegion)),
-		kshm.WithMaxMessageSize(envInt(envMaxMsg)),
+		kshm.WithShmConfig(cfg),
 	}
+}
+
+// Growth is what a process's regions did (kshm.ReadStats().Engine, closed
+// sessions included): regions added and released, and allocations that
+// fell back to the session socket because the regions could not grow, by
+// reason (our maximum, the peer's cap, no memory).
+type Growth struct {
+	Grows, Shrinks                                   uint64
+	FallbackLimit, FallbackPeerLimit, FallbackMemory uint64
+}
+
+func readGrowth() Growth {
+	e := kshm.ReadStats().Engine
+	return Growth{Grows: e.Grows, Shrinks: e.Shrinks, FallbackLimit: e.GrowFallbacks.Limit,
+		FallbackPeerLimit: e.GrowFallbacks.PeerLimit, FallbackMemory: e.GrowFallbacks.Memory}
+}
+
+func (g *Growth) add(o Growth) {
+	g.Grows += o.Grows
+	g.Shrinks += o.Shrinks
+	g.FallbackLimit += o.FallbackLimit
+	g.FallbackPeerLimit += o.FallbackPeerLimit
+	g.FallbackMemory += o.FallbackMemory
 }
 
 // runServer serves Echo over kshm on the socket, and plain Kitex on the TCP
 // address (nobody calls it) through server.WithReusePort(true): every
 // server of the run has the same options, so that a replacement shares the
 // port and takes the socket over. It prints "ready" once the socket at the
-// path is its own, a "stats" line on SIGUSR1, and stops on SIGTERM.
+// path is its own, a "progress" line with its regions' growth every
+// progressEvery, a "stats" line on SIGUSR1, and stops on SIGTERM.
 func runServer() int {
 	addr, err := net.ResolveTCPAddr("tcp", os.Getenv(envAddr))
 	if err != nil {
@@ -192,12 +226,22 @@ func runServer() int {
 		time.Sleep(10 * time.Millisecond)
 	}
 	say("ready")
-	if err := <-runErr; err != nil {
-		fmt.Fprintln(os.Stderr, "soak server:", err)
-		return 1
+	tick := time.NewTicker(progressEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+			sayJSON("progress", Progress{Growth: readGrowth()})
+		case err := <-runErr:
+			sayJSON("progress", Progress{Growth: readGrowth()})
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "soak server:", err)
+				return 1
+			}
+			sayJSON("final", sample())
+			return 0
+		}
 	}
-	sayJSON("final", sample())
-	return 0
 }
 
 // isNew reports whether fi is not the file old (nil: there was none).
@@ -216,6 +260,7 @@ type Progress struct {
 	// plain Kitex (no session), requests and responses carried on a
 	// session's socket (no shared memory).
 	ShmCalls, FallbackCalls, InlineRequests, InlineRecv uint64
+	Growth                                              Growth
 }
 
 const progressEvery = 500 * time.Millisecond
@@ -224,24 +269,44 @@ const progressEvery = 500 * time.Millisecond
 // progress lines.
 const errLinesPerProgress = 5
 
-// payloadSize draws a payload size: mostly small, some large enough to
-// exhaust a small region (fallback: no memory), some larger than the
-// maximum message (fallback: too large), as the default settings go.
+// A client's calls come in bursts and calms, so that its sessions' regions
+// grow and shrink again and again: a burst of burstFor at start and then
+// every cycle, with the full payload mix (payloadSize: the initial region
+// cannot hold the calls in flight, so the regions grow), then a calm with
+// small payloads only and an idle gap of calmGap between a goroutine's
+// calls: those fit the initial region, so the grown ones drain and are
+// released ShrinkAfter later. The calm lasts long enough for that.
+const (
+	burstFor = 1500 * time.Millisecond
+	calmGap  = 20 * time.Millisecond
+)
+
+func calmFor(shrinkAfter time.Duration) time.Duration {
+	return max(2500*time.Millisecond, shrinkAfter+1500*time.Millisecond)
+}
+
+// smallPayloads are the calm's payload sizes.
+var smallPayloads = []int{0, 1, 17, 100, 300, 1000}
+
+// payloadSize draws a payload size of a burst: mostly small, some large
+// enough to need grown regions (and, with the calls in flight, to exhaust
+// the largest: fallback, no memory), some larger than the maximum message
+// (fallback: too large), as the default settings go.
 func payloadSize(r *rand.Rand) int {
-	small := []int{0, 1, 17, 100, 300, 1000}
 	medium := []int{4096, 10000, 32 << 10, 64 << 10}
 	large := []int{100 << 10, 200 << 10}
 	switch k := r.IntN(100); {
 	case k < 60:
-		return small[r.IntN(len(small))]
+		return smallPayloads[r.IntN(len(smallPayloads))]
 	case k < 92:
 		return medium[r.IntN(len(medium))]
 	}
 	return large[r.IntN(len(large))]
 }
 
-// runClient calls Echo from envG goroutines until SIGUSR2 (quiesce: stop
-// calling, wait until every shm buffer is back, print "quiet") and SIGTERM.
+// runClient calls Echo from envG goroutines, in bursts and calms, until
+// SIGUSR2 (quiesce: stop calling, wait until every shm buffer is back, print
+// "quiet") and SIGTERM.
 func runClient() int {
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM)
@@ -258,8 +323,12 @@ func runClient() int {
 		st := kshm.ReadStats()
 		return Progress{Calls: p.calls.Load(), OK: p.ok.Load(), Errors: p.errs.Load(), Mismatches: p.mismatches.Load(),
 			Hung: p.hung.Load(), Bytes: p.bytes.Load(), InFlight: p.inflight.Load(),
-			ShmCalls: st.CallsSent, FallbackCalls: st.FallbackCalls, InlineRequests: st.InlineRequests, InlineRecv: st.Engine.InlineRecv}
+			ShmCalls: st.CallsSent, FallbackCalls: st.FallbackCalls, InlineRequests: st.InlineRequests, InlineRecv: st.Engine.InlineRecv,
+			Growth: readGrowth()}
 	}
+	started := time.Now()
+	cycle := burstFor + calmFor(time.Duration(envInt(envShrink))*time.Millisecond)
+	calm := func() bool { return time.Since(started)%cycle >= burstFor }
 	stopCalls := make(chan struct{})
 	var wg sync.WaitGroup
 	var errLines atomic.Int64                    // error lines since the last progress line
@@ -276,9 +345,19 @@ func runClient() int {
 					return
 				default:
 				}
-				n := payloadSize(r)
-				if r.IntN(50) == 0 {
-					n = maxPay // now and then the largest: always a fallback
+				var n int
+				if calm() {
+					select {
+					case <-stopCalls:
+						return
+					case <-time.After(calmGap):
+					}
+					n = smallPayloads[r.IntN(len(smallPayloads))]
+				} else {
+					n = payloadSize(r)
+					if r.IntN(50) == 0 {
+						n = maxPay // now and then the largest: always a fallback
+					}
 				}
 				req := &echo.EchoRequest{Payload: make([]byte, n), Message: fmt.Sprintf("c%d-g%d-s%d", id, g, seq), Seq: seq}
 				fill(req.Payload, r.Uint64())

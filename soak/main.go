@@ -4,17 +4,23 @@
 //	go run ./soak -duration 10m
 //
 // It starts a Kitex echo server over kshm and several client processes, each
-// calling from many goroutines with mixed payload sizes over regions small
-// enough to force the fallback path, and checks every response byte for
-// byte. Meanwhile it kills clients with SIGKILL and restarts them at random,
+// calling from many goroutines with mixed payload sizes, and checks every
+// response byte for byte. Sessions start with a small region and grow up to
+// a larger maximum: the clients call in bursts of large payloads, which make
+// the regions grow (and, at the maximum, fall back to the session socket),
+// and calms of small payloads with idle gaps, after which the grown regions
+// are released, again and again. Meanwhile it kills clients with SIGKILL and
+// restarts them at random,
 // kills and restarts the server, and replaces the server the way the
 // README's "Upgrading a server" says (a new server with the same options,
 // then SIGTERM to the old one; no call may fail), now and then killing the
 // new server mid-handover instead. The last part of the run kills no
 // server, and ends with a quiet period: then every live process must have
 // all its shared-memory buffers back, and the server's descriptors and
-// resident memory must not have grown with the client churn. It prints what
-// it did, and exits 1 on any mismatch, hung call or leak.
+// resident memory must not have grown with the client churn, and every
+// grown region must have been released. It prints what it did, how often
+// the regions grew and shrank, and exits 1 on any mismatch, hung call or
+// leak, or if no region grew or shrank.
 //
 // The same binary runs the server and the clients (KSHM_SOAK_ROLE).
 package main
@@ -37,7 +43,9 @@ func main() {
 	flag.DurationVar(&cfg.Duration, "duration", 10*time.Minute, "how long to run")
 	flag.IntVar(&cfg.Clients, "clients", cfg.Clients, "client processes")
 	flag.IntVar(&cfg.Goroutines, "goroutines", cfg.Goroutines, "calling goroutines per client")
-	flag.IntVar(&cfg.RegionSize, "region", cfg.RegionSize, "kshm region size per session side, in bytes")
+	flag.IntVar(&cfg.RegionSize, "region", cfg.RegionSize, "the most shared memory a session side's regions grow to, in bytes")
+	flag.IntVar(&cfg.InitialRegionSize, "initial-region", cfg.InitialRegionSize, "the region a session side starts with, in bytes (= -region: no growth)")
+	flag.DurationVar(&cfg.ShrinkAfter, "shrink-after", cfg.ShrinkAfter, "how long a grown region stays idle before it is released")
 	flag.IntVar(&cfg.MaxMessage, "max-message", cfg.MaxMessage, "largest message carried in shared memory, in bytes")
 	flag.IntVar(&cfg.MaxPayload, "max-payload", cfg.MaxPayload, "largest payload, in bytes (above max-message: fallback)")
 	flag.DurationVar(&cfg.CallTimeout, "timeout", cfg.CallTimeout, "RPC timeout of each call")

@@ -17,19 +17,28 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/shmkit/kshm/shm"
 )
 
 // Config is one soak run.
 type Config struct {
-	Duration        time.Duration
-	Clients         int // client processes alive at any time
-	Goroutines      int // calling goroutines per client
-	RegionSize      int // kshm region per session side
-	MaxMessage      int // largest message in shared memory
-	MaxPayload      int // largest payload (above MaxMessage: fallback)
-	CallTimeout     time.Duration
-	ClientKillEvery time.Duration // mean interval between client kills; 0: none
-	ServerKillEvery time.Duration // mean interval between server kills; 0: none
+	Duration   time.Duration
+	Clients    int // client processes alive at any time
+	Goroutines int // calling goroutines per client
+	// Regions grow: a session side starts with InitialRegionSize and
+	// grows up to RegionSize when the calls in flight need room; a grown
+	// region idle for ShrinkAfter is released. The clients' traffic comes
+	// in bursts and calms (child.go), so that they grow and shrink again
+	// and again.
+	RegionSize        int
+	InitialRegionSize int
+	ShrinkAfter       time.Duration
+	MaxMessage        int // largest message in shared memory
+	MaxPayload        int // largest payload (above MaxMessage: fallback)
+	CallTimeout       time.Duration
+	ClientKillEvery   time.Duration // mean interval between client kills; 0: none
+	ServerKillEvery   time.Duration // mean interval between server kills; 0: none
 	// Mean interval between server replacements (0: none): a new server
 	// with the same options takes over while the old one is SIGTERMed,
 	// the README's upgrade procedure. The first comes a quarter into the
@@ -45,16 +54,18 @@ type Config struct {
 // DefaultConfig is the configuration of `make soak` without -duration.
 func DefaultConfig() Config {
 	return Config{
-		Duration:        10 * time.Minute,
-		Clients:         4,
-		Goroutines:      16,
-		RegionSize:      1 << 20,
-		MaxMessage:      64 << 10,
-		MaxPayload:      512 << 10,
-		CallTimeout:     5 * time.Second,
-		ClientKillEvery: 3 * time.Second,
-		ServerKillEvery: 20 * time.Second,
-		Seed:            1,
+		Duration:          10 * time.Minute,
+		Clients:           4,
+		Goroutines:        16,
+		RegionSize:        4 << 20,
+		InitialRegionSize: shm.MinRegionSize, // 1 MiB
+		ShrinkAfter:       time.Second,
+		MaxMessage:        256 << 10,
+		MaxPayload:        512 << 10,
+		CallTimeout:       5 * time.Second,
+		ClientKillEvery:   3 * time.Second,
+		ServerKillEvery:   20 * time.Second,
+		Seed:              1,
 
 		ServerReplaceEvery: 30 * time.Second,
 	}
@@ -84,8 +95,11 @@ type Report struct {
 	// during the carried-through ones: any is a failure.
 	ServerReplacements, AbortedReplacements int
 	ReplacementErrors                       int64
-	Failures                                []string
-	HangDumps                               []string // goroutine dumps written when a call hung
+	// What the regions did: the clients' (all of them, killed ones up to
+	// their last progress line) and the servers' (every server of the run).
+	ClientGrowth, ServerGrowth Growth
+	Failures                   []string
+	HangDumps                  []string // goroutine dumps written when a call hung
 }
 
 // Passed reports whether the run found nothing wrong.
@@ -119,11 +133,14 @@ type runner struct {
 	out io.Writer
 	rng *rand.Rand
 
-	mu          sync.Mutex // guards rep, stableSince, retired, failLines, server, retiring, replacing
+	mu          sync.Mutex // guards rep, stableSince, retired, serverGrowth, failLines, server, retiring, replacing
 	rep         Report
 	stableSince time.Time // errors after this count as stable-phase errors
 	retired     Progress  // progress of clients that are gone
-	failLines   int
+	// serverGrowth: the growth of the servers that are gone, up to their
+	// last progress line.
+	serverGrowth Growth
+	failLines    int
 
 	errOut   *prefixWriter
 	sock     string
@@ -155,8 +172,9 @@ func Run(cfg Config, out io.Writer) (*Report, error) {
 	}
 	r.addr = addr
 	start := time.Now()
-	fmt.Fprintf(out, "soak: %v, %d clients x %d goroutines, region %d KiB, max message %d KiB, payloads up to %d KiB, timeout %v, seed %d\n",
-		cfg.Duration, cfg.Clients, cfg.Goroutines, cfg.RegionSize>>10, cfg.MaxMessage>>10, cfg.MaxPayload>>10, cfg.CallTimeout, cfg.Seed)
+	fmt.Fprintf(out, "soak: %v, %d clients x %d goroutines, regions from %d KiB growing to %d KiB (shrink after %v idle), max message %d KiB, payloads up to %d KiB, timeout %v, seed %d\n",
+		cfg.Duration, cfg.Clients, cfg.Goroutines, cfg.InitialRegionSize>>10, cfg.RegionSize>>10, cfg.ShrinkAfter, cfg.MaxMessage>>10,
+		cfg.MaxPayload>>10, cfg.CallTimeout, cfg.Seed)
 	if err := r.startServer(); err != nil {
 		return nil, err
 	}
@@ -252,7 +270,11 @@ func (r *runner) chaos(start time.Time) {
 
 // checkGrowth compares descriptors and resident memory of the processes
 // sampled at the start of the stable phase and at its end (under the same
-// load): they must not grow with the client churn.
+// load): they must not grow with the client churn. The regions open at
+// each sample come and go with the bursts, so they are left out: the
+// memfds of our own regions (one descriptor each), and the shared memory
+// of ours and the peers' mapped regions (resident once touched). A region
+// leaked (not released, or not unmapped) is in neither count and shows.
 func (r *runner) checkGrowth(before, after map[string]Sample) {
 	for name, a := range after {
 		b, ok := before[name]
@@ -263,13 +285,23 @@ func (r *runner) checkGrowth(before, after map[string]Sample) {
 		if name == "server" {
 			fdSlack += 3 * r.cfg.Clients
 		}
-		if a.FDs > b.FDs+fdSlack {
-			r.rep.fail("%s: descriptors grew from %d to %d during the stable phase", name, b.FDs, a.FDs)
+		if a.otherFDs() > b.otherFDs()+fdSlack {
+			r.rep.fail("%s: descriptors besides its regions' grew from %d to %d during the stable phase", name, b.otherFDs(), a.otherFDs())
 		}
-		if a.RSS > b.RSS+b.RSS/2+64<<20 {
-			r.rep.fail("%s: resident memory grew from %d MiB to %d MiB during the stable phase", name, b.RSS>>20, a.RSS>>20)
+		if a.otherRSS() > b.otherRSS()+b.otherRSS()/2+64<<20 {
+			r.rep.fail("%s: resident memory besides its regions grew from %d MiB to %d MiB during the stable phase",
+				name, b.otherRSS()>>20, a.otherRSS()>>20)
 		}
 	}
+}
+
+// otherFDs are the descriptors besides the memfds of our regions.
+func (s Sample) otherFDs() int { return s.FDs - int(s.Kshm.Engine.Regions) }
+
+// otherRSS is resident memory besides the regions mapped (ours and the
+// peers'), at least 0.
+func (s Sample) otherRSS() int64 {
+	return max(0, s.RSS-int64(s.Kshm.Engine.CommittedBytes+s.Kshm.Engine.PeerMappedBytes))
 }
 
 func describe(s map[string]Sample) string {
@@ -280,7 +312,9 @@ func describe(s map[string]Sample) string {
 	sort.Strings(names)
 	var b strings.Builder
 	for _, n := range names {
-		fmt.Fprintf(&b, "%s %d fds %d MiB; ", n, s[n].FDs, s[n].RSS>>20)
+		e := s[n].Kshm.Engine
+		fmt.Fprintf(&b, "%s %d fds %d MiB (%d+%d regions, %d+%d MiB); ", n, s[n].FDs, s[n].RSS>>20,
+			e.Regions, e.PeerRegions, e.CommittedBytes>>20, e.PeerMappedBytes>>20)
 	}
 	return strings.TrimSuffix(b.String(), "; ")
 }
@@ -327,6 +361,7 @@ func (r *runner) finish() {
 	if int(s.Kshm.Sessions) > len(r.clients) {
 		r.rep.fail("server: %d sessions open for %d live clients: sessions of killed clients were not closed", s.Kshm.Sessions, len(r.clients))
 	}
+	r.checkShrunk()
 	for _, c := range r.clients {
 		c.cmd.Process.Signal(syscall.SIGTERM)
 	}
@@ -341,7 +376,20 @@ func (r *runner) finish() {
 	if !r.server.wait(30 * time.Second) {
 		r.rep.fail("server did not exit after SIGTERM")
 	}
+	r.retireServer(r.server)
 	t := r.totals()
+	r.rep.ClientGrowth = t.Growth
+	r.mu.Lock()
+	r.rep.ServerGrowth = r.serverGrowth
+	r.mu.Unlock()
+	if r.cfg.InitialRegionSize < r.cfg.RegionSize {
+		if g := r.rep.ClientGrowth.Grows + r.rep.ServerGrowth.Grows; g == 0 {
+			r.rep.fail("no region grew: the run did not exercise growth")
+		}
+		if s := r.rep.ClientGrowth.Shrinks + r.rep.ServerGrowth.Shrinks; s == 0 {
+			r.rep.fail("no grown region was released: the run did not exercise shrinking")
+		}
+	}
 	r.rep.Calls, r.rep.OK, r.rep.Errors, r.rep.Mismatches, r.rep.Hung, r.rep.Bytes =
 		t.Calls, t.OK, t.Errors, t.Mismatches, t.Hung, t.Bytes
 	r.rep.ShmCalls, r.rep.FallbackCalls, r.rep.InlineRequests, r.rep.InlineRecv = t.ShmCalls, t.FallbackCalls, t.InlineRequests, t.InlineRecv
@@ -374,6 +422,13 @@ func (r *runner) print() {
 		rep.Calls, rep.OK, float64(rep.Bytes)/(1<<20), rep.Errors, rep.StableErrors, rep.Mismatches, rep.Hung)
 	fmt.Fprintf(w, "soak: paths: %d requests through kshm sessions, %d calls over plain Kitex (no session), %d requests and %d responses over a session socket (no shared memory)\n",
 		rep.ShmCalls, rep.FallbackCalls, rep.InlineRequests, rep.InlineRecv)
+	for _, g := range []struct {
+		who string
+		g   Growth
+	}{{"clients'", rep.ClientGrowth}, {"servers'", rep.ServerGrowth}} {
+		fmt.Fprintf(w, "soak: regions: the %s grew %d times and shrank %d times; allocations that could not grow: %d at the maximum, %d at the peer's cap, %d for lack of memory\n",
+			g.who, g.g.Grows, g.g.Shrinks, g.g.FallbackLimit, g.g.FallbackPeerLimit, g.g.FallbackMemory)
+	}
 	for _, f := range rep.Failures {
 		fmt.Fprintf(w, "soak: FAIL: %s\n", f)
 	}
@@ -406,6 +461,19 @@ func add(t, p *Progress) {
 	t.FallbackCalls += p.FallbackCalls
 	t.InlineRequests += p.InlineRequests
 	t.InlineRecv += p.InlineRecv
+	t.Growth.add(p.Growth)
+}
+
+// retireServer adds a gone server's growth, as of its last progress line,
+// to the servers' (once: the last line's growth is cleared).
+func (r *runner) retireServer(p *proc) {
+	p.mu.Lock()
+	g := p.last.Growth
+	p.last.Growth = Growth{}
+	p.mu.Unlock()
+	r.mu.Lock()
+	r.serverGrowth.add(g)
+	r.mu.Unlock()
 }
 
 // retire adds a gone client's last progress to the totals.
@@ -429,6 +497,8 @@ func (r *runner) env(role string) []string {
 		envAddr+"="+r.addr,
 		envG+"="+strconv.Itoa(cfg.Goroutines),
 		envRegion+"="+strconv.Itoa(cfg.RegionSize),
+		envInitial+"="+strconv.Itoa(cfg.InitialRegionSize),
+		envShrink+"="+strconv.Itoa(int(cfg.ShrinkAfter/time.Millisecond)),
 		envMaxMsg+"="+strconv.Itoa(cfg.MaxMessage),
 		envMaxPay+"="+strconv.Itoa(cfg.MaxPayload),
 		envTimeout+"="+strconv.Itoa(int(cfg.CallTimeout/time.Millisecond)),
@@ -675,6 +745,7 @@ func (r *runner) killClient() {
 func (r *runner) killServer() {
 	r.server.cmd.Process.Signal(syscall.SIGKILL)
 	<-r.server.done
+	r.retireServer(r.server)
 	r.rep.ServerKills++
 	r.lastServerKill = time.Now()
 	time.Sleep(time.Duration(r.rng.IntN(300)) * time.Millisecond)
@@ -739,6 +810,7 @@ func (r *runner) replaceServer(start time.Time) {
 		r.mu.Unlock()
 		p.cmd.Process.Signal(syscall.SIGKILL)
 		<-p.done
+		r.retireServer(p)
 		r.mu.Lock()
 		r.server, r.retiring = old, nil
 		if t := time.Now().Add(settle); t.After(r.stableSince) {
@@ -757,6 +829,7 @@ func (r *runner) replaceServer(start time.Time) {
 	old.cmd.Process.Signal(syscall.SIGTERM)
 	exited := old.wait(30 * time.Second)
 	took := time.Since(stopStart)
+	r.retireServer(old)
 	r.mu.Lock()
 	r.retiring = nil
 	r.mu.Unlock()
@@ -827,4 +900,46 @@ func (p *prefixed) Write(b []byte) (int, error) {
 		p.pw.mu.Unlock()
 	}
 	return len(b), nil
+}
+
+// checkShrunk waits, every process quiet, until each has only its
+// sessions' base regions left, ours and the peers' (every grown region
+// released once idle for ShrinkAfter, and unmapped on both sides), for at
+// most ShrinkAfter plus 10 s; each process with more fails the run.
+func (r *runner) checkShrunk() {
+	if r.cfg.InitialRegionSize >= r.cfg.RegionSize {
+		return
+	}
+	procs := append([]*proc{r.server}, r.clients...)
+	deadline := time.Now().Add(r.cfg.ShrinkAfter + 10*time.Second)
+	for _, p := range procs {
+		var s Sample
+		var ok bool
+		for {
+			s, ok = r.sample(p)
+			if ok && grownLeft(s) == 0 || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		e := s.Kshm.Engine
+		switch {
+		case !ok:
+			r.rep.fail("%s: no stats after quiescence", p.name)
+		case grownLeft(s) != 0:
+			r.rep.fail("%s: %d regions and %d of the peers' mapped for %d sessions, %v after every client went quiet: grown regions not released",
+				p.name, e.Regions, e.PeerRegions, e.Sessions, r.cfg.ShrinkAfter+10*time.Second)
+		}
+		if p == r.server {
+			fmt.Fprintf(r.out, "soak: quiet: server has %d sessions, %d regions of its own (%d MiB committed), %d of its clients' mapped (%d MiB), %d fds\n",
+				e.Sessions, e.Regions, e.CommittedBytes>>20, e.PeerRegions, e.PeerMappedBytes>>20, s.FDs)
+		}
+	}
+}
+
+// grownLeft is how many regions a quiet process has beyond one base
+// region of its own and one of the peer's per session.
+func grownLeft(s Sample) int64 {
+	e := s.Kshm.Engine
+	return e.Regions + e.PeerRegions - 2*e.Sessions
 }

@@ -28,7 +28,9 @@ func (w testWriter) Write(b []byte) (int, error) {
 // clients killed every 2 s and the server every 8 s on average, and the
 // server replaced first 7 s in (5 s with -short), before any server kill,
 // then every 6 s on average among the kills, with no call failing during a
-// replacement. (make soak replaces it every 30 s on average.)
+// replacement. (make soak replaces it every 30 s on average.) Regions grow
+// from 1 MiB and shrink again, on both sides, with every grown region
+// released at the end.
 func TestSoak_Short(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.Duration = 40 * time.Second
@@ -56,5 +58,15 @@ func TestSoak_Short(t *testing.T) {
 	}
 	if rep.ServerReplacements == 0 || rep.ReplacementErrors != 0 {
 		t.Fatalf("%d server replacements with %d failed calls: want at least one, with none", rep.ServerReplacements, rep.ReplacementErrors)
+	}
+	// Run checks growth and shrinking on both sides together; here each
+	// side must have done both.
+	for _, g := range []struct {
+		who string
+		g   Growth
+	}{{"clients", rep.ClientGrowth}, {"servers", rep.ServerGrowth}} {
+		if g.g.Grows == 0 || g.g.Shrinks == 0 {
+			t.Errorf("the %s' regions grew %d times and shrank %d times: want both", g.who, g.g.Grows, g.g.Shrinks)
+		}
 	}
 }

@@ -31,7 +31,7 @@ func TestBench_SmokeEveryTransport(t *testing.T) {
 		layers:   []string{"engine", "kitex"},
 		warmup:   10 * time.Millisecond,
 		duration: 30 * time.Millisecond, minCalls: 1, maxWindow: 2 * time.Second,
-		scale: []int{2}, heavy: 256 << 10, out: out, reportDir: filepath.Join(t.TempDir(), "report"),
+		scale: []int{2}, heavy: 256 << 10, grown: []int{100 << 10}, out: out, reportDir: filepath.Join(t.TempDir(), "report"),
 	}
 	skip := map[string]bool{}
 	if raceEnabled {
@@ -71,6 +71,14 @@ func TestBench_SmokeEveryTransport(t *testing.T) {
 		if c := r.Machine.Calibration; c == nil || c.UDSRoundTripUS <= 0 || c.FutexRoundTripUS <= 0 || c.PageTouchUS <= 0 ||
 			c.MemcpyColdGBs <= 0 || (c.Pinned && c.CacheLineRoundTripNs <= 0) || len(c.Errors) > 0 {
 			t.Errorf("%s/%s: calibration %+v", r.Layer, r.Transport, c)
+		}
+		// A fixed region is committed whole at the handshake (128 MiB per
+		// side here, grownOptions); a growing one starts at 4 MiB.
+		if r.Grown && r.Transport == grownFixed && r.ServerOwnShmCommittedKiB < 128<<10 {
+			t.Errorf("kshm-fixed: the server's regions commit %v KiB, want the whole 128 MiB region", r.ServerOwnShmCommittedKiB)
+		}
+		if r.Grown && r.Transport == grownGrown && (r.ServerOwnShmCommittedKiB <= 0 || r.ServerOwnShmCommittedKiB >= 64<<10) {
+			t.Errorf("kshm-grown: the server's regions commit %v KiB, want a few MiB (it starts at 4)", r.ServerOwnShmCommittedKiB)
 		}
 		if r.Scale {
 			if r.HeavySize != 256<<10 || r.HeavyQPS <= 0 || r.HeavyFallbacks > 0 {

@@ -73,10 +73,32 @@ type kshmClient struct {
 	wg      sync.WaitGroup
 }
 
+// dialKshm dials one session. In the scale case a handshake that fails
+// (timed out, or refused while the server's handshake slots are full) is
+// retried with a backoff for up to 20 s, as kshm's Kitex transport
+// re-dials: a hundred client processes dialling at once on a 2-vCPU
+// machine overrun the default 3 s handshake timeout.
 func dialKshm(p params, mode shm.WakeMode) (clientSide, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	limit := 10 * time.Second
+	if p.scale {
+		limit = 20 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
-	s, err := shm.Dial(ctx, p.sock, kshmConfig(p, mode))
+	var s *shm.Session
+	var err error
+	for backoff := 50 * time.Millisecond; ; backoff = min(2*backoff, time.Second) {
+		s, err = shm.Dial(ctx, p.sock, kshmConfig(p, mode))
+		retry := p.scale && (errors.Is(err, shm.ErrHandshake) || errors.Is(err, shm.ErrBusy))
+		if err == nil || !retry || ctx.Err() != nil {
+			break
+		}
+		fmt.Fprintf(os.Stderr, "kshm dial: %v; retrying in %v\n", err, backoff)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+	}
 	if err != nil {
 		return nil, err
 	}

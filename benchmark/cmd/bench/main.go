@@ -46,11 +46,12 @@ type options struct {
 	split      string // "auto", "on" or "off"
 	scaleRole  bool   // internal: this process is part of the scale case
 	heavy      int    // size of the scale case's heavy client (0: none)
+	grown      []int
 }
 
 func main() {
 	var o options
-	var sizes, concs, layers, transports, scale string
+	var sizes, concs, layers, transports, scale, grown string
 	flag.StringVar(&o.mode, "mode", "quick", "quick (under two minutes), full, or custom (set every matrix flag)")
 	flag.StringVar(&o.role, "role", "", "internal: server or client (started by the orchestrator)")
 	flag.StringVar(&o.transport, "transport", "", "internal: transport of this process (layer/name)")
@@ -71,6 +72,7 @@ func main() {
 	flag.StringVar(&heavy, "heavy", "", "payload size of one extra heavy client in the scale case, e.g. 4M (default by mode; 0 disables)")
 	flag.StringVar(&scale, "scale", "", "comma-separated client-process counts for the scale case (default by mode; 0 disables)")
 	flag.StringVar(&o.split, "split", "auto", "CPU split: one extra profiled measurement per Kitex goal row (64 B, 16 KiB, 1 MiB at c=1 and c=16, kshm and netpoll-uds) sorting CPU by category: on, off, or auto (on in quick and full)")
+	flag.StringVar(&grown, "grown", "", "comma-separated payload sizes of the grown case: Kitex kshm-fixed against kshm-grown at c=16, e.g. 1M,4M (default by mode; 0 disables)")
 	flag.BoolVar(&o.summary, "summary", false, "print the per-round summary and ratios at the end (always in -mode quick)")
 	flag.StringVar(&o.out, "out", "", "output file (default results/<mode>.json)")
 	flag.StringVar(&o.reportDir, "report", "-", "directory for REPORT.md and its charts (default results for -mode full, results/quick for -mode quick, none otherwise; empty for none)")
@@ -82,6 +84,9 @@ func main() {
 	}
 	if o.concs, err = parseList(concs); err != nil {
 		fatalf("-concs: %v", err)
+	}
+	if o.grown, err = parseList(grown); err != nil {
+		fatalf("-grown: %v", err)
 	}
 	if o.scale, err = parseList(scale); err != nil {
 		fatalf("-scale: %v", err)

@@ -24,7 +24,8 @@ type benchCase struct {
 	conc    int // concurrent calls per client process
 	clients int // client processes
 	scale   bool
-	heavy   int // the scale case's heavy client: its payload size (0: none)
+	heavy   int  // the scale case's heavy client: its payload size (0: none)
+	grown   bool // the grown case (grown.go): kshm-fixed against kshm-grown
 }
 
 type settings struct {
@@ -40,7 +41,8 @@ type settings struct {
 	scaleClients     []int
 	scaleSize        int
 	scaleConc        int
-	scaleHeavy       int // payload of one extra heavy client in the scale case (0: none)
+	scaleHeavy       int   // payload of one extra heavy client in the scale case (0: none)
+	grownSizes       []int // payload sizes of the grown case (grown.go)
 	split            bool
 }
 
@@ -62,7 +64,8 @@ func modeSettings(o options) (settings, error) {
 	case "full":
 		s = settings{rounds: 5, minCalls: 100, maxWindow: 3 * time.Second, warmup: 150 * time.Millisecond, duration: 500 * time.Millisecond,
 			sizes: all, engineConcs: []int{1, 16, 64}, kitexConcs: []int{1, 16, 64},
-			scaleClients: []int{1, 16, 64, 100}, scaleSize: 1 << 10, scaleConc: 1, scaleHeavy: 4 << 20}
+			scaleClients: []int{1, 16, 32, 64, 100}, scaleSize: 1 << 10, scaleConc: 1, scaleHeavy: 4 << 20,
+			grownSizes: []int{1 << 20, 4 << 20}}
 	case "custom":
 		s = settings{rounds: 3, minCalls: 50, maxWindow: 2 * time.Second, warmup: 100 * time.Millisecond, duration: 500 * time.Millisecond,
 			sizes: all, engineConcs: []int{1, 16}, kitexConcs: []int{1, 16}, scaleSize: 1 << 10, scaleConc: 1, scaleHeavy: 4 << 20}
@@ -108,6 +111,9 @@ func modeSettings(o options) (settings, error) {
 	if o.heavy >= 0 {
 		s.scaleHeavy = o.heavy
 	}
+	if len(o.grown) > 0 {
+		s.grownSizes = o.grown // 0 disables: grownCases skips it
+	}
 	if len(o.scale) > 0 {
 		s.scaleClients = nil
 		for _, n := range o.scale {
@@ -150,6 +156,8 @@ type roundResult struct {
 	// mapped bytes of the distinct memfds it maps, KiB, and their number.
 	serverShmCommitted, serverShmMapped float64
 	serverMemfds                        int
+	// Of that, the server's own regions (its memfds): committed KiB.
+	serverOwnShmCommitted float64
 	// The scale case's heavy client: p50 µs, calls per second, fallbacks.
 	heavyP50, heavyQPS float64
 	heavyFallbacks     uint64
@@ -247,10 +255,12 @@ func orchestrate(o options) error {
 		}
 	}
 
+	cases = append(cases, grownCases(set, byLayer)...)
+
 	or := &orchestrator{self: self, dir: dir, set: set, started: time.Now()}
 	transportsOf := func(c benchCase) []transportDef {
 		if !c.scale {
-			return byLayer[c.layer]
+			return grownTransportsFor(c, byLayer[c.layer])
 		}
 		var ts []transportDef
 		for _, d := range byLayer[c.layer] {
@@ -403,6 +413,9 @@ func (or *orchestrator) prefix(round int, d transportDef, c benchCase) string {
 		if c.heavy > 0 {
 			cl += "+" + sizeName(c.heavy)
 		}
+	}
+	if c.grown {
+		cl = " grown"
 	}
 	return fmt.Sprintf("[%3d/%d r%d/%d] %-6s %-11s %7s c%-2d%s:", or.done, or.total, round+1, or.set.rounds,
 		d.layer, d.name, sizeName(c.size), c.conc, cl)
@@ -691,6 +704,7 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		serverSchedP50: sd.SchedP50Ns / 1e3, serverSchedP99: sd.SchedP99Ns / 1e3,
 	}
 	res.serverShmCommitted, res.serverShmMapped, res.serverMemfds = float64(s1.ShmCommittedKiB), float64(s1.ShmMappedKiB), s1.Memfds
+	res.serverOwnShmCommitted = float64(s1.OwnShmCommittedKiB)
 	if heavyHist.n > 0 {
 		res.heavyP50 = heavyHist.quantile(0.5) / 1e3
 		res.heavyQPS = float64(heavyHist.n) / (float64(window) / 1e9)
@@ -747,14 +761,17 @@ func round3(v float64) float64 {
 // than half the memory the machine has available: a machine shared with
 // others must not be pushed into the OOM killer by a benchmark. The
 // estimate is each transport's committed memory per client process with
-// its default configuration (kshm commits its region on each side when the
-// session starts; shmipc-go's client maps its buffer capacity).
+// its default configuration (kshm commits its initial region on each side
+// when the session starts, and a light client's calls fit it; the heavy
+// client's regions grow up to the maximum, RegionSize per side;
+// shmipc-go's client maps its buffer capacity).
 func scaleMemoryCheck(d transportDef, c benchCase) error {
 	var perClient, heavy int64
 	switch {
 	case d.layer == "engine" && strings.HasPrefix(d.name, "kshm"):
-		perClient = 2 * int64(shm.DefaultConfig().RegionSize)
-		heavy = perClient
+		cfg := shm.DefaultConfig()
+		perClient = 2 * int64(cfg.InitialRegion())
+		heavy = 2 * int64(cfg.RegionSize)
 	case d.name == "shmipc-go":
 		capacity, _ := shmipcSliceSizes(c.size, c.conc)
 		perClient = int64(capacity)

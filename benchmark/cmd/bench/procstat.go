@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -47,6 +48,10 @@ type procSample struct {
 	ShmCommittedKiB int64 `json:"shm_committed_kib"`
 	ShmMappedKiB    int64 `json:"shm_mapped_kib"`
 	Memfds          int   `json:"memfds"`
+	// Of those, the memfds this process created itself (kshm names its
+	// regions kshm-<pid>): its own side's regions.
+	OwnShmCommittedKiB int64 `json:"own_shm_committed_kib"`
+	OwnMemfds          int   `json:"own_memfds"`
 }
 
 const schedMetric = "/sched/latencies:seconds"
@@ -83,18 +88,30 @@ func takeSample(fallbacks func() uint64) procSample {
 		v.Fallbacks = fallbacks()
 	}
 	v.RSSKiB, v.ShmemKiB = memKiB()
-	v.ShmCommittedKiB, v.ShmMappedKiB, v.Memfds = memfdKiB()
+	m := memfdKiB()
+	v.ShmCommittedKiB, v.ShmMappedKiB, v.Memfds = m.committed, m.mapped, m.n
+	v.OwnShmCommittedKiB, v.OwnMemfds = m.ownCommitted, m.own
 	return v
 }
 
+// memfds is what memfdKiB found.
+type memfds struct {
+	committed, mapped int64 // KiB
+	n                 int
+	ownCommitted      int64 // KiB of the memfds named kshm-<our pid>
+	own               int
+}
+
 // memfdKiB adds up the memfds this process maps (/proc/self/map_files),
-// each once: the bytes their pages take (st_blocks) and their sizes.
-func memfdKiB() (committed, mapped int64, n int) {
+// each once: the bytes their pages take (st_blocks) and their sizes, and
+// apart the ones kshm created in this process (named kshm-<pid>).
+func memfdKiB() (m memfds) {
 	dir := "/proc/self/map_files"
 	ents, err := os.ReadDir(dir)
 	if err != nil {
-		return 0, 0, 0
+		return m
 	}
+	ownName := fmt.Sprintf("/memfd:kshm-%d", os.Getpid())
 	type id struct{ dev, ino uint64 }
 	seen := map[id]bool{}
 	for _, e := range ents {
@@ -111,11 +128,15 @@ func memfdKiB() (committed, mapped int64, n int) {
 			continue
 		}
 		seen[k] = true
-		committed += st.Blocks * 512 >> 10
-		mapped += st.Size >> 10
-		n++
+		m.committed += st.Blocks * 512 >> 10
+		m.mapped += st.Size >> 10
+		m.n++
+		if name, _, _ := strings.Cut(target, " "); name == ownName {
+			m.ownCommitted += st.Blocks * 512 >> 10
+			m.own++
+		}
 	}
-	return committed, mapped, n
+	return m
 }
 
 // threadSched sums the CPU migrations and the run-queue waits of every

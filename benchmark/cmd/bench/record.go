@@ -20,6 +20,7 @@ type record struct {
 	Concurrency int    `json:"concurrency"` // concurrent calls, all client processes together
 	Clients     int    `json:"clients"`     // client processes (1, except in the scale case)
 	Scale       bool   `json:"scale,omitempty"`
+	Grown       bool   `json:"grown,omitempty"` // the grown case (grown.go)
 
 	P50US        float64 `json:"p50_us"`
 	P99US        float64 `json:"p99_us"`
@@ -41,6 +42,8 @@ type record struct {
 	ServerShmCommittedKiB float64 `json:"server_shm_committed_kib"`
 	ServerShmMappedKiB    float64 `json:"server_shm_mapped_kib"`
 	ServerMemfds          float64 `json:"server_memfds"`
+	// Of the committed KiB, the server's own regions (memfds it created).
+	ServerOwnShmCommittedKiB float64 `json:"server_own_shm_committed_kib"`
 	// The scale case's heavy client (one more process, one call at a time):
 	// its payload size, p50, calls per second and fallbacks (all rounds).
 	HeavySize      int     `json:"heavy_size,omitempty"`
@@ -172,7 +175,7 @@ func loadAvg() string {
 func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m machine) record {
 	rec := record{
 		Layer: d.layer, Transport: d.name, Size: c.size, Concurrency: c.conc * c.clients, Clients: c.clients,
-		Scale: c.scale, Rounds: len(rs), Errors: errs, Machine: m, Date: m.Date, Commit: m.Commit,
+		Scale: c.scale, Grown: c.grown, Rounds: len(rs), Errors: errs, Machine: m, Date: m.Date, Commit: m.Commit,
 	}
 	col := func(f func(r roundResult) float64) []float64 {
 		v := make([]float64, len(rs))
@@ -201,6 +204,7 @@ func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m m
 	rec.ServerShmCommittedKiB = med(func(r roundResult) float64 { return r.serverShmCommitted })
 	rec.ServerShmMappedKiB = med(func(r roundResult) float64 { return r.serverShmMapped })
 	rec.ServerMemfds = med(func(r roundResult) float64 { return float64(r.serverMemfds) })
+	rec.ServerOwnShmCommittedKiB = med(func(r roundResult) float64 { return r.serverOwnShmCommitted })
 	if c.heavy > 0 {
 		rec.HeavySize = c.heavy
 		rec.HeavyP50US = med(func(r roundResult) float64 { return r.heavyP50 })

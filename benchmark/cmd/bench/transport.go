@@ -54,6 +54,7 @@ func allTransports() []transportDef {
 		transportDef{layer: "engine", name: "shmipc-go", dial: dialShmipc, serve: serveShmipc},
 	)
 	ts = append(ts, kitexTransports()...)
+	ts = append(ts, kitexGrownTransports()...)
 	return ts
 }
 

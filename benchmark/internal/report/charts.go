@@ -219,20 +219,24 @@ func (d *data) charts(dir string, png bool) (map[string][]chart, error) {
 				mem[r.Transport+" shm per session"] = append(mem[r.Transport+" shm per session"],
 					plotter.XY{X: float64(r.Clients), Y: r.ServerShmCommitted / 1024 / float64(r.Sessions())})
 			}
+			if r.ServerOwnShmCommitted > 0 {
+				mem[r.Transport+" server-side shm per session"] = append(mem[r.Transport+" server-side shm per session"],
+					plotter.XY{X: float64(r.Clients), Y: r.ServerOwnShmCommitted / 1024 / float64(r.Sessions())})
+			}
 			if r.ServerRSS > 0 {
 				mem[r.Transport+" server RSS"] = append(mem[r.Transport+" server RSS"], plotter.XY{X: float64(r.Clients), Y: r.ServerRSS / 1024})
 			}
 		}
 		var ms []series
 		for _, t := range engineOrder {
-			for _, what := range []string{" shm per session", " server RSS"} {
+			for _, what := range []string{" shm per session", " server-side shm per session", " server RSS"} {
 				if xys, ok := mem[t+what]; ok {
 					ms = append(ms, series{t + what, xys})
 				}
 			}
 		}
 		if len(ms) > 0 {
-			mt := "server memory against client processes: shared memory committed per session, server RSS"
+			mt := "server memory against client processes: shared memory committed per session (both sides; server side), server RSS"
 			if err := drawLines(filepath.Join(dir, "scale-memory.svg"), mt, "client processes", "MiB",
 				countTicks(sortedKeys(set)), ms, false, false, png); err != nil {
 				return nil, err

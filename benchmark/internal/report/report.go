@@ -20,6 +20,7 @@ type Record struct {
 	Concurrency int     `json:"concurrency"`
 	Clients     int     `json:"clients"`
 	Scale       bool    `json:"scale"`
+	Grown       bool    `json:"grown"`
 	P50         float64 `json:"p50_us"`
 	P99         float64 `json:"p99_us"`
 	P999        float64 `json:"p999_us"`
@@ -40,19 +41,21 @@ type Record struct {
 	QPSSpread    float64            `json:"qps_spread"`
 	CPUSpread    float64            `json:"cpu_spread"`
 	P50Rounds    []float64          `json:"p50_us_rounds"`
+	QPSRounds    []float64          `json:"qps_rounds"`
 	CPURounds    []float64          `json:"cpu_us_per_call_rounds"`
 	Rounds       int                `json:"rounds"`
 	Calls        uint64             `json:"calls"`
 	Fallbacks    uint64             `json:"fallbacks"`
 	Errors       []string           `json:"errors"`
 
-	ServerShmCommitted float64 `json:"server_shm_committed_kib"`
-	ServerShmMapped    float64 `json:"server_shm_mapped_kib"`
-	ServerMemfds       float64 `json:"server_memfds"`
-	HeavySize          int     `json:"heavy_size"`
-	HeavyP50           float64 `json:"heavy_p50_us"`
-	HeavyQPS           float64 `json:"heavy_qps"`
-	HeavyFallbacks     uint64  `json:"heavy_fallbacks"`
+	ServerShmCommitted    float64 `json:"server_shm_committed_kib"`
+	ServerShmMapped       float64 `json:"server_shm_mapped_kib"`
+	ServerMemfds          float64 `json:"server_memfds"`
+	ServerOwnShmCommitted float64 `json:"server_own_shm_committed_kib"`
+	HeavySize             int     `json:"heavy_size"`
+	HeavyP50              float64 `json:"heavy_p50_us"`
+	HeavyQPS              float64 `json:"heavy_qps"`
+	HeavyFallbacks        uint64  `json:"heavy_fallbacks"`
 
 	CSW            float64   `json:"csw_per_call"`
 	ClientCSW      float64   `json:"client_csw_per_call"`
@@ -151,6 +154,7 @@ type data struct {
 	recs  []Record
 	by    map[key]Record // the non-scale records
 	scale []Record
+	grown []Record // the grown case: kshm-fixed against kshm-grown
 }
 
 func index(recs []Record) *data {
@@ -158,6 +162,10 @@ func index(recs []Record) *data {
 	for _, r := range recs {
 		if r.Scale {
 			d.scale = append(d.scale, r)
+			continue
+		}
+		if r.Grown {
+			d.grown = append(d.grown, r)
 			continue
 		}
 		if r.Rounds == 0 {
