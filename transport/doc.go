@@ -36,8 +36,8 @@
 // on either address. A session's workers take turns receiving; the worker
 // that receives a request for an idle virtual connection serves it itself
 // (OnActive once, OnRead per request in order, OnInactive once), handing
-// the receiving role to another worker first only when other calls are in
-// flight. A connection the server ends without answering (a limiter, a
+// the receiving role to another worker first only when more messages are
+// already waiting. A connection the server ends without answering (a limiter, a
 // decode error, a panic) is announced to the client. Shutdown stops
 // accepting and tells each session's client to go away: the client takes no
 // new calls on that session (new calls fall back, and the session is
