@@ -75,7 +75,7 @@ func modeSettings(o options) (settings, error) {
 	switch o.split {
 	case "on":
 		s.split = true
-	case "auto":
+	case "auto", "":
 		s.split = o.mode == "quick" || o.mode == "full"
 	case "off":
 	default:
