@@ -3,6 +3,7 @@ package report
 import (
 	"fmt"
 	"math"
+	"sort"
 	"strings"
 )
 
@@ -754,4 +755,86 @@ func (d *data) cpuSplit(b *strings.Builder) {
 	}
 	head = append(head, "profiled", "rounds")
 	table(b, head, rows)
+	d.splitDifferences(b)
+}
+
+// whatRemoves says, for a category where kshm spends more than netpoll,
+// what the time is and what would remove it.
+var whatRemoves = map[string]string{
+	"copy": "kshm copies the payload into and out of shared memory in user space (the first read of a payload the other core " +
+		"wrote is a cache miss here, in the kernel's socket copy for netpoll), and Kitex's Thrift decoding copies each binary " +
+		"field twice into the Go heap (`[]byte(string(b))` in gopkg's ReadBinary), with the page faults of fresh heap pages: " +
+		"a one-copy decode in Kitex would remove the second copy",
+	"gc": "kshm keeps its buffers out of the Go heap, so its processes' live heaps are smaller and the same garbage (Kitex's " +
+		"decoded copies) triggers more GC cycles: the Go pacer starts one each time the heap doubles. GOGC or GOMEMLIMIT set " +
+		"for the application, or a real application's larger heap, removes the difference (README: GOGC=400 runs)",
+	"alloc": "the same decoded copies, allocated",
+	"wait": "kshm's receiver polls while the peer works (its budget follows the typical wait, capped by SpinTime): CPU " +
+		"bought for latency; a shorter SpinTime trades it back",
+	"scheduler": "goroutine hand-offs: with an RPC timeout Kitex's timeout pool hands every call to a worker and back; at " +
+		"c=16 the receiving role passes between callers and responses are handed to their callers",
+	"syscall":   "wake-ups of a receiver that slept",
+	"transport": "kshm's own code (allocator, rings, receive roles)",
+	"kitex":     "Kitex itself",
+	"other":     "the rest (runtime helpers, hashing)",
+	"bench":     "the benchmark's loop",
+}
+
+// splitDifferences lists, per row pair, the categories where kshm spends
+// more CPU per call than netpoll, largest first, with what would remove it.
+func (d *data) splitDifferences(b *strings.Builder) {
+	var lines []string
+	used := map[string]bool{}
+	for _, conc := range []int{1, 16} {
+		for _, size := range []int{64, 16 << 10, 1 << 20} {
+			k, ok1 := d.get("kitex", "kshm", size, conc)
+			n, ok2 := d.get("kitex", "netpoll-uds", size, conc)
+			if !ok1 || !ok2 || len(k.CPUSplit) == 0 || len(n.CPUSplit) == 0 {
+				continue
+			}
+			type diff struct {
+				name string
+				v    float64
+			}
+			var more, less []diff
+			for _, c := range splitCategories {
+				v := k.CPUSplit[c.name] - n.CPUSplit[c.name]
+				switch {
+				case v > 0.5:
+					more = append(more, diff{c.name, v})
+				case v < -0.5:
+					less = append(less, diff{c.name, -v})
+				}
+			}
+			sort.Slice(more, func(i, j int) bool { return more[i].v > more[j].v })
+			sort.Slice(less, func(i, j int) bool { return less[i].v > less[j].v })
+			f := func(ds []diff) string {
+				var parts []string
+				for _, x := range ds {
+					parts = append(parts, fmt.Sprintf("%s %s", x.name, us(x.v)))
+				}
+				if len(parts) == 0 {
+					return "nothing"
+				}
+				return strings.Join(parts, ", ")
+			}
+			for _, x := range more {
+				used[x.name] = true
+			}
+			lines = append(lines, fmt.Sprintf("- %s, c=%d: kshm spends more on %s; less on %s (µs per call).",
+				SizeName(size), conc, f(more), f(less)))
+		}
+	}
+	if len(lines) == 0 {
+		return
+	}
+	b.WriteString("Where kshm spends more CPU than netpoll-uds, and where less, in the split above:\n\n")
+	b.WriteString(strings.Join(lines, "\n") + "\n\n")
+	b.WriteString("What that time is, and what would remove it:\n\n")
+	for _, c := range splitCategories {
+		if used[c.name] {
+			fmt.Fprintf(b, "- **%s**: %s.\n", c.name, whatRemoves[c.name])
+		}
+	}
+	b.WriteString("\n")
 }
