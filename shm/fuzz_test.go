@@ -30,7 +30,9 @@ func FuzzDecodeHello(f *testing.F) {
 			if _, err := negotiate(h); err == nil && h.MaxVersion < protoMinVersion {
 				t.Fatal("negotiated with a peer below our minimum")
 			}
-			if h.RingEntries&(h.RingEntries-1) != 0 || h.MaxMessage > h.RegionSize {
+			// A message may be larger than the first region (the session
+			// grows for it), never than the regions' maximum total.
+			if h.RingEntries&(h.RingEntries-1) != 0 || h.MaxMessage > h.MaxTotal || h.RegionSize > h.MaxTotal {
 				t.Fatalf("accepted out-of-range hello %+v", h)
 			}
 			h2, err := decodeHello(h.encode())
