@@ -161,14 +161,25 @@ func (s *Session) pause(i int) {
 // recent waits (weight 1/8, each sample capped at twice SpinTime so that
 // one preempted or idle wait moves it by a bounded step). While the typical
 // wait is within SpinTime, the receiver polls for twice it plus minSpin,
-// capped at SpinTime: long enough to catch the usual reply, and no longer.
-// When waits are typically longer, it polls for minSpin only and sleeps, so
-// an idle session costs no CPU. It also stops polling while the process has
-// more runnable goroutines than GOMAXPROCS: its processor is wanted.
+// and at least wakeCost, capped at SpinTime: sleeping costs a wake-up (the
+// peer's system call, and a thread, often a halted vCPU, woken here), so
+// polling for as long as a wake-up costs is never worse than sleeping at
+// once (the competitive spin-then-block rule), and a wait a few µs longer
+// than usual does not pay one. When waits are typically longer, it polls
+// for minSpin only and sleeps, so an idle session costs no CPU. It also
+// stops polling while the process has more runnable goroutines than
+// GOMAXPROCS: its processor is wanted.
 
 // minSpin is how long a receiver polls before sleeping when its waits are
 // long anyway.
 const minSpin = 2 * time.Microsecond
+
+// wakeCost is about what a sleep and its wake-up cost: on the 2-vCPU VMs
+// this was built on, a futex wake-up round trip between two threads is
+// 20-30 µs and a channel one 80 µs (the benchmark's calibration); polling
+// at least this long before sleeping took the engine's 64 B round trips
+// from 0.9 to 0.1-0.2 context switches per call and 27 to 5-11 µs of CPU.
+const wakeCost = 50 * time.Microsecond
 
 // spinBudget is how long Recv polls before it sleeps. Recv turn held.
 func (s *Session) spinBudget() time.Duration {
@@ -176,7 +187,7 @@ func (s *Session) spinBudget() time.Duration {
 	if s.cfg.SpinTime <= minSpin || typical > s.cfg.SpinTime {
 		return min(minSpin, s.cfg.SpinTime)
 	}
-	return min(2*typical+minSpin, s.cfg.SpinTime)
+	return min(max(2*typical+minSpin, wakeCost), s.cfg.SpinTime)
 }
 
 // keepSpinning reports whether a receiver that has polled since spinStart

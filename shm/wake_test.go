@@ -10,14 +10,20 @@ import (
 // budget (not the whole SpinTime), long waits switch polling off, and one
 // long wait among short ones does not.
 func TestSpin_BudgetFollowsTypicalWait(t *testing.T) {
-	s := &Session{cfg: DefaultConfig()} // SpinTime 200 µs
+	s := &Session{cfg: DefaultConfig()} // SpinTime 500 µs
 	s.waitAvg = int64(s.cfg.SpinTime / 2)
 	for range 50 {
 		s.observeWait(5 * time.Microsecond)
 	}
 	b := s.spinBudget()
-	if b < 5*time.Microsecond || b > 20*time.Microsecond {
-		t.Fatalf("budget %v after waits of 5 µs, want about twice the wait", b)
+	if b != wakeCost {
+		t.Fatalf("budget %v after waits of 5 µs, want the floor (%v)", b, wakeCost)
+	}
+	for range 50 {
+		s.observeWait(100 * time.Microsecond)
+	}
+	if b := s.spinBudget(); b < 150*time.Microsecond || b > 250*time.Microsecond {
+		t.Fatalf("budget %v after waits of 100 µs, want about twice the wait", b)
 	}
 	s.observeWait(time.Second) // one preempted or idle wait
 	if b := s.spinBudget(); b <= minSpin || b >= s.cfg.SpinTime {
