@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cloudwego/kitex/pkg/klog"
@@ -27,7 +28,7 @@ func (s *Session) reader() {
 	passes := 0
 	next := time.Now().Add(housekeepEvery)
 	var fl floodCheck
-	rx := &fdReader{conn: s.conn, oob: make([]byte, unix.CmsgSpace(4*MaxRegions)), buf: make([]byte, readAhead)}
+	rx := &fdReader{rc: s.rc, oob: make([]byte, unix.CmsgSpace(4*MaxRegions)), buf: make([]byte, readAhead)}
 	defer rx.closeAll()
 	for {
 		if now := time.Now(); !now.Before(next) {
@@ -202,7 +203,7 @@ func (f *floodCheck) decay() { f.excess /= 2 }
 // memfd) in order, for the frame that claims them: a descriptor arrives no
 // later than its frame's first byte. It belongs to the reader goroutine.
 type fdReader struct {
-	conn *net.UnixConn
+	rc   syscall.RawConn // the session's socket
 	oob  []byte
 	buf  []byte // read ahead: buf[r:w] not yet consumed
 	r, w int
@@ -224,7 +225,7 @@ func (r *fdReader) readFull(b []byte) (int, error) {
 		if direct {
 			dst = b[n:]
 		}
-		k, oobn, flags, _, err := r.conn.ReadMsgUnix(dst, r.oob)
+		k, oobn, flags, err := recvmsg(r.rc, dst, r.oob)
 		k = max(k, 0) // -1 with some errors
 		if oobn > 0 {
 			r.keep(r.oob[:oobn])

@@ -4,6 +4,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -38,6 +39,7 @@ type cacheLinePad [64]byte
 type Session struct {
 	cfg       Config
 	conn      *net.UnixConn
+	rc        syscall.RawConn // conn's descriptor, for the raw reads and writes (rawio_linux.go)
 	role      uint32
 	local     *region // ours: written only by this process
 	peer      *region // the peer's: read-only
@@ -160,6 +162,7 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 		readerEnd:   make(chan struct{}),
 	}
 	s.recvLimit = min(uint64(cfg.MaxMessageSize), s.peerMax)
+	s.rc = rawConnOf(conn)
 	n := uint32(local.geo.slotCount)
 	s.slotWords = make([]atomic.Uint64, n)
 	s.locals[0] = &localRegion{r: local, base: addrOf(local.arena), size: local.geo.size,

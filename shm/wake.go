@@ -97,14 +97,10 @@ func (s *Session) writeNonblocking(b []byte) (int, error) { return s.sendNonbloc
 // sendNonblocking makes one non-blocking write of b with the control
 // message oob (descriptors). wmu held.
 func (s *Session) sendNonblocking(b, oob []byte) (int, error) {
-	rc, err := s.conn.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
 	var n int
 	var werr error
-	if err := rc.Write(func(fd uintptr) bool {
-		n, werr = unix.SendmsgN(int(fd), b, oob, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+	if err := s.rc.Write(func(fd uintptr) bool {
+		n, werr = rawSendmsg(int(fd), b, oob)
 		return true
 	}); err != nil {
 		return 0, err

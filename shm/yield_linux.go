@@ -7,12 +7,20 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
 
-// osYield gives up the CPU to another runnable thread (sched_yield).
-func osYield() { syscall.Syscall(syscall.SYS_SCHED_YIELD, 0, 0, 0) }
+// osYield gives up the CPU to another runnable thread (sched_yield). It is a
+// raw system call, as the runtime's own osyield is: a yield that lets
+// another thread run returns only when this one is scheduled again, often
+// after more than one sysmon tick, and through syscall.Syscall the runtime
+// would count that as a blocking system call. sysmon then hands our
+// processor to another thread (a wake-up, then a stopped thread when the
+// yield returns) and resets its own sleep to 20 µs. Measured at Kitex 16 KiB
+// c=1, sysmon's wake-ups were then a third of all context switches.
+func osYield() { syscall.RawSyscall(syscall.SYS_SCHED_YIELD, 0, 0, 0) }
 
 // schedLoad tells pollers how busy the schedulers are, from samples taken
 // at most every goSampleEvery (the Go scheduler, runtime/metrics) and
@@ -105,8 +113,12 @@ func (l *schedLoad) machineRunnable() (int, bool) {
 		}
 		l.loadavg = fd
 	}
-	n, err := unix.Pread(l.loadavg, l.buf[:], 0)
-	if err != nil || n <= 0 {
+	// A raw system call (rawio_linux.go): procfs never blocks, and
+	// through syscall.Syscall this read, the first system call of a
+	// poller that starts after its process was idle, woke sysmon into a
+	// millisecond of 20 µs polling.
+	n, _, e := syscall.RawSyscall6(unix.SYS_PREAD64, uintptr(l.loadavg), uintptr(unsafe.Pointer(&l.buf[0])), uintptr(len(l.buf)), 0, 0, 0)
+	if e != 0 || int(n) <= 0 || int(n) > len(l.buf) {
 		return 0, false
 	}
 	return parseRunnable(l.buf[:n])
