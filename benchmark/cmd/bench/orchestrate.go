@@ -260,7 +260,13 @@ func orchestrate(o options) error {
 	or := &orchestrator{self: self, dir: dir, set: set, started: time.Now()}
 	transportsOf := func(c benchCase) []transportDef {
 		if !c.scale {
-			return grownTransportsFor(c, byLayer[c.layer])
+			var ts []transportDef
+			for _, d := range grownTransportsFor(c, byLayer[c.layer]) {
+				if d.name != "floor" || c.conc == 1 { // floor.go: concurrency 1 only
+					ts = append(ts, d)
+				}
+			}
+			return ts
 		}
 		var ts []transportDef
 		for _, d := range byLayer[c.layer] {

@@ -52,6 +52,7 @@ func allTransports() []transportDef {
 	ts = append(ts,
 		transportDef{layer: "engine", name: "uds", dial: dialUDS, serve: serveUDS},
 		transportDef{layer: "engine", name: "shmipc-go", dial: dialShmipc, serve: serveShmipc},
+		transportDef{layer: "engine", name: "floor", dial: dialFloor, serve: serveFloor},
 	)
 	ts = append(ts, kitexTransports()...)
 	ts = append(ts, kitexGrownTransports()...)

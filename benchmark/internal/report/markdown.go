@@ -108,6 +108,7 @@ func (d *data) markdown(b *strings.Builder, source, command string, charts map[s
 
 	d.headline(b, charts)
 	d.goals(b)
+	d.floorSection(b)
 	d.kitexGoals(b)
 	d.cpuSplit(b)
 	for _, layer := range []string{"engine", "kitex"} {
@@ -253,6 +254,36 @@ func (d *data) goals(b *strings.Builder) {
 		rows = append(rows, row)
 	}
 	table(b, head, rows)
+}
+
+// floorSection sets the engine rows at concurrency 1 against the floor:
+// the same work with no transport (benchmark/cmd/bench/floor.go).
+func (d *data) floorSection(b *strings.Builder) {
+	var rows [][]string
+	for _, s := range d.sizes("engine") {
+		f, ok := d.get("engine", "floor", s, 1)
+		if !ok || f.P50 == 0 {
+			continue
+		}
+		row := []string{SizeName(s), usUnit(f.P50), us(f.CPU)}
+		for _, t := range []string{"kshm", "kshm-poll", "shmipc-go", "uds"} {
+			r, _ := d.get("engine", t, s, 1)
+			row = append(row, ratio(r.P50, f.P50))
+		}
+		rows = append(rows, row)
+	}
+	if len(rows) == 0 {
+		return
+	}
+	fmt.Fprintf(b, "### The floor: the payload's work with no transport\n\n"+
+		"The floor row is this benchmark's work and nothing else: the client writes the whole request into a memfd it "+
+		"shares with the server and stores the call's number in a flag word; the server, polling that word, checks the "+
+		"request and writes the whole response into a second area, then stores the number in a second flag word, which "+
+		"the client polls; the client checks the response. No allocation, descriptor, ring or wake-up: both processes "+
+		"poll without pause. It is the least any shared-memory transport can take here, and on a 2-vCPU machine it "+
+		"measures what moving the payload between the two cores costs. Each transport's p50 is shown as a multiple of "+
+		"the floor's.\n\n")
+	table(b, []string{"size", "floor p50", "floor CPU/call (µs)", "kshm ÷ floor", "kshm-poll ÷ floor", "shmipc-go ÷ floor", "uds ÷ floor"}, rows)
 }
 
 func (d *data) layerSection(b *strings.Builder, layer string, charts []chart) {

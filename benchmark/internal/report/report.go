@@ -131,7 +131,7 @@ func Load(path string) ([]Record, error) {
 
 // Transport orders: kshm first, then the baselines.
 var (
-	engineOrder = []string{"kshm", "kshm-poll", "kshm-timed", "uds", "shmipc-go"}
+	engineOrder = []string{"kshm", "kshm-poll", "kshm-timed", "uds", "shmipc-go", "floor"}
 	kitexOrder  = []string{"kshm", "kshm-poll", "kshm-timed", "netpoll-uds", "netpoll-tcp", "kshm-rpctimeout", "netpoll-uds-rpctimeout"}
 	baselines   = map[string][]string{"engine": {"uds", "shmipc-go"}, "kitex": {"netpoll-uds", "netpoll-tcp"}}
 )

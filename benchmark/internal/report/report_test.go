@@ -88,3 +88,36 @@ func TestSizeName(t *testing.T) {
 		}
 	}
 }
+
+// The floor section divides each engine transport's p50 at concurrency 1 by
+// the floor's, and is absent without a floor row.
+func TestWrite_FloorSection(t *testing.T) {
+	recs := synthetic()
+	dir := t.TempDir()
+	if err := Write(dir, recs, Options{Source: "x.json"}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "REPORT.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(b), "### The floor") {
+		t.Error("floor section without a floor row")
+	}
+	// synthetic kshm at 64 KiB: P50 = 66.536; floor at a quarter of it.
+	recs = append(recs, Record{Layer: "engine", Transport: "floor", Size: 64 << 10, Concurrency: 1, Clients: 1,
+		P50: 66.536 / 4, CPU: 40, Rounds: 3, Calls: 100, P50Rounds: []float64{16.6, 16.7, 16.5}})
+	if err := Write(dir, recs, Options{Source: "x.json"}); err != nil {
+		t.Fatal(err)
+	}
+	if b, err = os.ReadFile(filepath.Join(dir, "REPORT.md")); err != nil {
+		t.Fatal(err)
+	}
+	md := string(b)
+	// kshm 4.00×, uds (twice kshm's p50) 8.00×, shmipc-go 12.00×; no kshm-poll row: "–".
+	for _, want := range []string{"### The floor", "| 64 KiB | 16.6 µs | 40.0 | 4.00× | – | 12.00× | 8.00× |"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("REPORT.md lacks %q", want)
+		}
+	}
+}
