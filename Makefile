@@ -48,7 +48,7 @@ example-upgrade:
 # Cross-process benchmarks: kshm against its baselines, alternated in rounds,
 # with the machine's calibration. bench-quick (a few minutes) writes
 # benchmark/results/quick.json and results/quick/REPORT.md and prints every
-# round and kshm/baseline ratios round by round; bench (an hour or more)
+# round and kshm/baseline ratios round by round; bench (about 45 minutes on a 2-vCPU VM)
 # writes results/full.json and results/REPORT.md.
 bench-quick:
 	cd benchmark && $(GO) run ./cmd/bench -mode quick
