@@ -159,8 +159,8 @@ func TestFutex_InlineMessageWakes(t *testing.T) {
 	wantRecv(t, got, 10, "inline")
 }
 
-// Cancelling the ctx (no deadline) and closing the session each end a
-// futex sleep at once, not when the sleep's bound passes.
+// Cancelling the ctx (no deadline), the ctx's deadline and closing the
+// session each end a futex sleep then, not when the sleep's bound passes.
 func TestFutex_CancelAndCloseWake(t *testing.T) {
 	requireFutex(t)
 	setFutexSleep(t, time.Minute)
@@ -177,6 +177,22 @@ func TestFutex_CancelAndCloseWake(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("cancel did not wake the futex sleeper")
+	}
+
+	// A deadline ends the sleep at the deadline, not at the sleep's bound.
+	dctx, dcancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer dcancel()
+	got = recvAsync(dctx, srv)
+	select {
+	case r := <-got:
+		if !errors.Is(r.err, ErrTimeout) {
+			t.Fatalf("Recv past its deadline: %v, want ErrTimeout", r.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the deadline did not end the futex sleep")
+	}
+	if n := srv.Stats().Sleeps; n < 2 {
+		t.Fatalf("receiver slept %d times, want 2 (one per Recv)", n)
 	}
 
 	got = recvAsync(context.Background(), srv)

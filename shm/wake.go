@@ -281,14 +281,26 @@ func (s *Session) sleepFutex(ctx context.Context) (done bool, err error) {
 	if atomic.LoadUint64(&s.peerHdr.RingTail) != head || len(s.inlineQ) > 0 || s.life.closed() {
 		return true, nil
 	}
+	timeout := min(max(4*time.Duration(s.waitAvg), futexSleepMin), futexSleepMax)
 	if ctx.Done() != nil {
 		if ctxDone(ctx) {
 			return true, ctxErr(ctx)
 		}
-		stop := context.AfterFunc(ctx, s.ringDoorbell)
-		defer stop()
+		// A ctx with a deadline ends the sleep at its deadline (a ctx
+		// cancelled earlier is seen when the sleep ends, within
+		// futexSleepMax); one without is watched by AfterFunc, which
+		// for such a ctx (a context.WithCancel) costs no goroutine.
+		// Callers such as the Kitex transport reuse one ctx type whose
+		// Done only its own goroutine may call.
+		if dl, ok := ctx.Deadline(); ok {
+			if timeout = min(timeout, time.Until(dl)); timeout <= 0 {
+				return false, nil // the socket sleep returns at once
+			}
+		} else {
+			stop := context.AfterFunc(ctx, s.ringDoorbell)
+			defer stop()
+		}
 	}
-	timeout := min(max(4*time.Duration(s.waitAvg), futexSleepMin), futexSleepMax)
 	s.events.sleeps.Add(1)
 	tail := (*uint32)(unsafe.Pointer(&s.peerHdr.RingTail)) // the low half
 	timedOut := futexWaitTwo(tail, uint32(head), &s.doorbell, bell, timeout)
