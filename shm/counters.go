@@ -30,6 +30,7 @@ type growCounters struct {
 type sendCounters struct {
 	msgs, bytes, bufs uint64
 	wakeupsSaved      uint64
+	futexWakeups      uint64 // wake-ups through the peer's futex (wake.go)
 }
 
 // eventCounters are per-session atomics: the receiver's (written by the
@@ -84,6 +85,7 @@ func addStats(t *Stats, st *SessionStats) {
 	t.BytesRecv += st.BytesRecv
 	t.WakeupsSent += st.WakeupsSent
 	t.WakeupsSaved += st.WakeupsSaved
+	t.FutexWakeups += st.FutexWakeups
 	t.InlineSent += st.InlineSent
 	t.InlineRecv += st.InlineRecv
 	t.Grows += st.Grows
@@ -155,7 +157,8 @@ func (s *Session) counts() SessionStats {
 	st.MsgsSent, st.BytesSent = sc.msgs, sc.bytes
 	st.WakeupsSaved = sc.wakeupsSaved
 	st.MsgsRecv, st.BytesRecv = s.recvTurn.published(), r.bytes.Load()
-	st.WakeupsSent = r.wakeupsSent.Load()
+	st.WakeupsSent = r.wakeupsSent.Load() + sc.futexWakeups
+	st.FutexWakeups = sc.futexWakeups
 	st.Sleeps = r.sleeps.Load()
 	st.InlineSent, st.InlineRecv = r.inlineSent.Load(), r.inlineRecv.Load()
 	if s.life.closed() {
@@ -226,4 +229,5 @@ func (s *Session) publishCounters() {
 	put(&g.FallbackLimit, st.GrowFallbacks.Limit)
 	put(&g.FallbackPeer, st.GrowFallbacks.PeerLimit)
 	put(&g.FallbackMemory, st.GrowFallbacks.Memory)
+	put(&s.localHdr.Wake.FutexWakeups, st.FutexWakeups)
 }

@@ -59,6 +59,7 @@ type RegionCounters struct {
 	Allocs, Frees, FailedAllocs, InUseBuffers, InUseBytes uint64
 	MsgsSent, MsgsRecv, BytesSent, BytesRecv              uint64
 	WakeupsSent, WakeupsSaved, Sleeps                     uint64
+	FutexWakeups                                          uint64 // of WakeupsSent
 	InlineSent, InlineRecv, QuotaHits, PeerHeld           uint64
 }
 
@@ -95,7 +96,7 @@ func InspectRegion(mem []byte) (RegionInfo, error) {
 		Created:      time.Unix(0, h.CreatedUnix),
 		Heartbeat:    time.Unix(0, atomic.LoadInt64(&h.Heartbeat)),
 		Closing:      atomic.LoadUint32(&h.Closing) != 0,
-		Sleepers:     uint32(ld(&h.State) & sleeperMask),
+		Sleepers:     uint32(ld(&h.State) & sleeperCount),
 		RingTail:     ld(&h.RingTail),
 		PeerRingHead: ld(&h.PeerRingHead),
 		RelTail:      ld(&h.RelTail),
@@ -105,7 +106,8 @@ func InspectRegion(mem []byte) (RegionInfo, error) {
 			InUseBuffers: ld(&c.InUseBuffers), InUseBytes: ld(&c.InUseBytes),
 			MsgsSent: ld(&c.MsgsSent), MsgsRecv: ld(&c.MsgsRecv), BytesSent: ld(&c.BytesSent), BytesRecv: ld(&c.BytesRecv),
 			WakeupsSent: ld(&c.WakeupsSent), WakeupsSaved: ld(&c.WakeupsSaved), Sleeps: ld(&c.Sleeps),
-			InlineSent: ld(&c.InlineSent), InlineRecv: ld(&c.InlineRecv), QuotaHits: ld(&c.QuotaHits), PeerHeld: ld(&c.PeerHeld),
+			FutexWakeups: ld(&h.Wake.FutexWakeups),
+			InlineSent:   ld(&c.InlineSent), InlineRecv: ld(&c.InlineRecv), QuotaHits: ld(&c.QuotaHits), PeerHeld: ld(&c.PeerHeld),
 		},
 	}
 	info.Index, info.MaxTotal = int(h.Region), g.maxTotal

@@ -60,9 +60,10 @@ type regionHeader struct {
 	_           [4]byte
 	MaxTotal    uint64 // the owner's limit on the bytes of all its regions together
 
-	// State word of the owner's receiver: low 32 bits count goroutines
-	// sleeping until the peer makes progress; high 32 bits an epoch bumped
-	// each time one goes to sleep.
+	// State word of the owner's receiver: the low 31 bits count goroutines
+	// sleeping until the peer makes progress, bit 31 says they sleep on a
+	// futex (wake.go); the high 32 bits are an epoch bumped each time one
+	// goes to sleep.
 	State     uint64
 	Heartbeat int64 // unix nanoseconds, updated by the owner's housekeeper
 	Closing   uint32
@@ -79,7 +80,14 @@ type regionHeader struct {
 
 	Counters counters       // owner's counters, for operators (kshm stats)
 	Growth   growthCounters // owner's regions, for operators (base region only)
-	_        [headerSize - 768 - unsafe.Sizeof(counters{}) - unsafe.Sizeof(growthCounters{})]byte
+	Wake     wakeCounters   // after Growth, so older readers still find the fields above
+	_        [headerSize - 768 - unsafe.Sizeof(counters{}) - unsafe.Sizeof(growthCounters{}) - unsafe.Sizeof(wakeCounters{})]byte
+}
+
+// wakeCounters detail the owner's wake-ups; written by the owner with
+// atomics at each housekeeping pass.
+type wakeCounters struct {
+	FutexWakeups uint64 // of Counters.WakeupsSent, those through the peer's futex
 }
 
 // growthCounters describe the owner's regions; written by the owner with
@@ -106,7 +114,7 @@ type counters struct {
 	MsgsRecv     uint64
 	BytesSent    uint64
 	BytesRecv    uint64
-	WakeupsSent  uint64 // sends that had to wake the peer through the socket
+	WakeupsSent  uint64 // sends that had to wake the peer (a system call)
 	WakeupsSaved uint64 // sends that found the peer awake (no syscall)
 	Sleeps       uint64 // times our receiver went to sleep
 	InlineSent   uint64 // messages carried on the socket (fallback)

@@ -200,6 +200,7 @@ func (s *Session) closeWith(reason error, tellPeer bool) {
 		s.life.close() // fence: from here no operation or hold starts
 		s.settleHolds()
 		close(s.done)
+		s.ringDoorbell()
 		if tellPeer && s.wmu.TryLock() {
 			// Best effort and never blocking: the peer also sees the socket
 			// close. A writer holding wmu is unblocked by conn.Close below.

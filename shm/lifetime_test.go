@@ -596,20 +596,21 @@ func TestWake_LastWakeNeverMovesBackwards(t *testing.T) {
 	cli.sendMu.Lock()
 	defer cli.sendMu.Unlock()
 	state := func(epoch uint64) { atomic.StoreUint64(&srv.localHdr.State, epoch<<32|1) }
+	needsWake := func() bool { w, _ := cli.peerNeedsWake(); return w }
 	state(5)
-	if !cli.peerNeedsWake() {
+	if !needsWake() {
 		t.Fatal("a sleeping peer was not woken")
 	}
 	state(3) // a stale view
-	if cli.peerNeedsWake() {
+	if needsWake() {
 		t.Fatal("an older epoch was woken")
 	}
 	state(5)
-	if cli.peerNeedsWake() {
+	if needsWake() {
 		t.Fatal("epoch 5 woken twice: lastWake moved backwards")
 	}
 	state(6)
-	if !cli.peerNeedsWake() {
+	if !needsWake() {
 		t.Fatal("a newer sleep was not woken")
 	}
 	atomic.StoreUint64(&srv.localHdr.State, 0)

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -49,6 +50,13 @@ func childConfig() Config {
 	}
 	if v := os.Getenv("KSHM_MAXMSG"); v != "" {
 		c.MaxMessageSize, _ = strconv.Atoi(v)
+	}
+	if os.Getenv("KSHM_FUTEX_ONLY") != "" {
+		// Sleep at once, always on the futex, and never move to the
+		// socket: only a FUTEX_WAKE from the parent wakes this child.
+		c.SpinTime = 0
+		futexLoadCheck = false
+		futexSleepMin, futexSleepMax = time.Hour, time.Hour
 	}
 	return c
 }
@@ -99,7 +107,7 @@ func childEchoServer() int {
 			s.Release(&m)
 			waitZero(s)
 			st := s.Stats()
-			shmtest.Printf("stats inuse=%d held=%d", st.InUseBuffers, st.HeldFromPeer)
+			shmtest.Printf("stats inuse=%d held=%d wakeups=%d futex=%d", st.InUseBuffers, st.HeldFromPeer, st.WakeupsSent, st.FutexWakeups)
 			s.Close()
 			return 0
 		}
@@ -424,5 +432,73 @@ func TestProcess_KillClient(t *testing.T) {
 	}
 	if !errors.Is(s.Err(), ErrPeerClosed) {
 		t.Fatalf("Err = %v", s.Err())
+	}
+}
+
+// Futex sleeps across processes: the child echo server sleeps only on the
+// futex (no bound, so nothing but our FUTEX_WAKE on our own mapping of our
+// ring tail can wake it), and we sleep on the futex too, woken by the
+// child's. Every round trip completes, and both sides' wake-ups all went
+// through the futex, none through the socket.
+func TestProcess_FutexWake(t *testing.T) {
+	requireFutex(t)
+	setFutexSleep(t, time.Hour)
+	sock := filepath.Join(t.TempDir(), "s")
+	child := shmtest.Start(t, "echo-server", "KSHM_SOCK="+sock, "KSHM_FUTEX_ONLY=1")
+	child.Expect(t, "ready", 10*time.Second)
+	s, err := Dial(context.Background(), sock, sleepNowConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const calls = 200
+	for i := uint64(0); i < calls; i++ {
+		if i%4 == 0 {
+			// Let the child's receiver fall asleep before the next call.
+			waitPeerAsleep(t, s)
+		}
+		payload := []byte(fmt.Sprintf("call %d", i))
+		send(t, s, i, payload)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		m, err := s.Recv(ctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("call %d: %v (a futex sleeper that was never woken?)", i, err)
+		}
+		if got := string(m.AppendTo(nil)); m.ID != i || got != string(payload) {
+			t.Fatalf("call %d: echo id %d %q", i, m.ID, got)
+		}
+		s.Release(&m)
+	}
+	st := s.Stats()
+	waitPeerAsleep(t, s)
+	if err := s.Send(context.Background(), 1, 0, 9); err != nil { // done
+		t.Fatal(err)
+	}
+	line := child.Expect(t, "stats ", 30*time.Second)
+	var inuse, held, wakeups, futex int
+	if _, err := fmt.Sscanf(line, "stats inuse=%d held=%d wakeups=%d futex=%d", &inuse, &held, &wakeups, &futex); err != nil {
+		t.Fatalf("child said %q: %v", line, err)
+	}
+	t.Logf("parent: %d wake-ups, %d through the futex, %d sleeps; child: %d wake-ups, %d through the futex",
+		st.WakeupsSent, st.FutexWakeups, st.Sleeps, wakeups, futex)
+	if st.FutexWakeups < calls/4 || st.FutexWakeups != st.WakeupsSent {
+		t.Errorf("parent woke the child %d times, %d through the futex: want at least %d, all through the futex",
+			st.WakeupsSent, st.FutexWakeups, calls/4)
+	}
+	if futex == 0 || futex != wakeups {
+		t.Errorf("child woke us %d times, %d through the futex: want some, all through the futex", wakeups, futex)
+	}
+}
+
+// waitPeerAsleep waits until the peer's receiver sleeps on the futex.
+func waitPeerAsleep(t *testing.T, s *Session) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !futexAsleep(atomic.LoadUint64(&s.peerHdr.State)) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the peer's receiver never slept on the futex: State %#x", atomic.LoadUint64(&s.peerHdr.State))
+		}
+		time.Sleep(50 * time.Microsecond)
 	}
 }

@@ -170,6 +170,7 @@ func (s *Session) waitInlineRoom(n int64) bool {
 }
 
 func (s *Session) signalRecv() {
+	s.ringDoorbell()
 	select {
 	case s.recvWake <- struct{}{}:
 	default:

@@ -427,12 +427,17 @@ func (s *Session) publish(ctx context.Context, id, aux uint64, kind uint16, bufs
 	sc.msgs++
 	sc.bytes += total
 	sc.bufs += uint64(len(bufs))
-	wake := s.peerNeedsWake()
-	if !wake {
+	wake, futex := s.peerNeedsWake()
+	switch {
+	case !wake:
 		sc.wakeupsSaved++
+	case futex:
+		sc.futexWakeups++
 	}
 	s.sendMu.Unlock()
-	if wake {
+	if futex {
+		futexWakeShared(&s.localHdr.RingTail)
+	} else if wake {
 		s.wakePeer()
 	}
 	return nil

@@ -105,18 +105,22 @@ type Session struct {
 	// reads the peer's ring, and each received message with segments takes
 	// one) and recvSettled (they were returned after close, and
 	// recvDrained closed).
-	recvTurn    turn
-	peerHead    uint64
-	recvHolds   uint64
-	recvSettled bool
-	recvDrained chan struct{}
-	finalHead   uint64 // peerHead when the turn settled; read after recvDrained
-	waitAvg     int64  // typical wait in nanoseconds, for the spin policy (wake.go)
-	events      eventCounters
-	recvWake    chan struct{}
-	inlineQ     chan Message
-	inlineBytes atomic.Int64  // bytes of inline messages queued and not yet received
-	inlineRoom  chan struct{} // signalled when a queued inline message is taken
+	recvTurn      turn
+	peerHead      uint64
+	recvHolds     uint64
+	recvSettled   bool
+	recvDrained   chan struct{}
+	finalHead     uint64 // peerHead when the turn settled; read after recvDrained
+	waitAvg       int64  // typical wait in nanoseconds, for the spin policy (wake.go)
+	events        eventCounters
+	recvWake      chan struct{}
+	doorbell      atomic.Uint32 // rung to wake a futex sleeper from this process (wake.go)
+	futexSleeping atomic.Bool   // the receiver sleeps on the futex
+	futexSpurious int           // net futex wake-ups that found nothing
+	futexOff      bool          // too many: sleep on the socket only
+	inlineQ       chan Message
+	inlineBytes   atomic.Int64  // bytes of inline messages queued and not yet received
+	inlineRoom    chan struct{} // signalled when a queued inline message is taken
 
 	_ cacheLinePad
 	// relMu guards relTail, the producer index of our release ring,

@@ -12,7 +12,8 @@ type Stats struct {
 	MsgsRecv     uint64
 	BytesSent    uint64
 	BytesRecv    uint64
-	WakeupsSent  uint64 // sends that woke the peer through the socket
+	WakeupsSent  uint64 // sends that woke the peer (a system call)
+	FutexWakeups uint64 // of those, through the peer's futex rather than the socket
 	WakeupsSaved uint64 // sends that found the peer awake: no syscall
 	InlineSent   uint64 // messages carried on the socket (fallback)
 	InlineRecv   uint64
@@ -36,6 +37,7 @@ type SessionStats struct {
 	MsgsSent, MsgsRecv          uint64
 	BytesSent, BytesRecv        uint64
 	WakeupsSent, WakeupsSaved   uint64
+	FutexWakeups                uint64 // of WakeupsSent, through the peer's futex
 	Sleeps                      uint64
 	InlineSent, InlineRecv      uint64
 	QuotaHits                   uint64

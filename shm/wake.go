@@ -7,41 +7,60 @@ import (
 	"runtime"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
+	"github.com/cloudwego/kitex/pkg/klog"
 	"golang.org/x/sys/unix"
 )
 
 // The wake protocol. A receiver that finds nothing to read marks itself
 // sleeping in its region's State word (the sleeper count and an epoch
-// bumped by each sleep), rechecks the peer's ring, and blocks until its
-// reader sees a wake frame. A sender publishes its tail, then reads the
-// peer's State (the Dekker pair: one of the two sees the other) and writes a
-// wake frame only if the peer sleeps in an epoch it has not woken yet. The
-// write never blocks: if the socket is full, frames are already queued and
-// any frame wakes the peer.
+// bumped by each sleep), rechecks the peer's ring, and blocks. A sender
+// publishes its tail, then reads the peer's State (the Dekker pair: one of
+// the two sees the other) and wakes the peer only if it sleeps in an epoch
+// no sender has woken yet.
+//
+// The receiver sleeps one of two ways, and says which in State:
+//   - on a futex (stateFutex set; futex_linux.go): its thread blocks on the
+//     low half of the peer's ring tail and on our doorbell, and the sender
+//     wakes it with FUTEX_WAKE on its own ring tail. One system call, and
+//     the woken thread is the receiver's own: nothing is handed over. Used
+//     while no other goroutine waits for a processor (the blocked thread
+//     keeps its processor; futexUsable), for a few typical waits at most,
+//     so that an idle session holds no thread;
+//   - on the socket: it blocks on a channel that our reader signals when a
+//     wake frame arrives, and the sender writes one. The write never
+//     blocks: if the socket is full, frames are already queued and any
+//     frame wakes the peer.
+//
+// A sender that does not know stateFutex (an older kshm) sees a sleeper
+// and writes a wake frame; our reader then rings the doorbell, so a futex
+// sleeper is woken either way.
 const (
 	stateSleeper  = 1
+	stateFutex    = 1 << 31 // the sleeper waits on a futex, not the socket
 	stateEpochOne = 1 << 32
-	sleeperMask   = 1<<32 - 1
+	sleeperMask   = 1<<32 - 1      // a sleeper, either way
+	sleeperCount  = stateFutex - 1 // the number of sleepers
 )
 
 // peerNeedsWake reports whether the peer's receiver sleeps in an epoch no
 // sender has woken yet, and records that we wake it. sendMu held, after the
 // tail store.
-func (s *Session) peerNeedsWake() bool {
+func (s *Session) peerNeedsWake() (wake, futex bool) {
 	st := atomic.LoadUint64(&s.peerHdr.State)
 	if st&sleeperMask == 0 {
-		return false
+		return false, false
 	}
 	ep := uint32(st>>32) + 1
 	old := uint32(s.lastWake.Load())
 	// Newer epochs only: a stale read never moves lastWake backwards
 	// (epochs wrap, hence the signed difference).
 	if old != 0 && int32(ep-old) <= 0 {
-		return false
+		return false, false
 	}
 	s.lastWake.Store(uint64(ep))
-	return true
+	return true, st&stateFutex != 0 && futexWaitvOK && futexWakeEnabled
 }
 
 // wakePeer writes one wake frame, by us or by whoever holds wmu now (it
@@ -110,9 +129,19 @@ func (s *Session) sendNonblocking(b, oob []byte) (int, error) {
 
 // sleep marks our receiver sleeping, rechecks the ring (so a message
 // published before the mark is not missed), and blocks until a wake-up, an
-// inline message, ctx or close. Recv turn held, inside an operation.
+// inline message, ctx or close: on the futex first when it may, then on
+// the socket (the wake protocol above). A sleep counts once in Sleeps,
+// whichever way it ends. Recv turn held, inside an operation.
 func (s *Session) sleep(ctx context.Context) error {
 	s.reclaim()
+	counted := false
+	if s.futexUsable() {
+		done, err := s.sleepFutex(ctx)
+		if done {
+			return err
+		}
+		counted = true
+	}
 	select { // drop a stale wake-up
 	case <-s.recvWake:
 	default:
@@ -122,7 +151,9 @@ func (s *Session) sleep(ctx context.Context) error {
 	if atomic.LoadUint64(&s.peerHdr.RingTail) != s.peerHead || len(s.inlineQ) > 0 {
 		return nil
 	}
-	s.events.sleeps.Add(1)
+	if !counted {
+		s.events.sleeps.Add(1)
+	}
 	select {
 	case <-s.recvWake:
 	case <-s.done:
@@ -200,4 +231,111 @@ func (s *Session) keepSpinning(now, spinStart time.Time, budget time.Duration) b
 func (s *Session) observeWait(d time.Duration) {
 	d = min(d, 2*s.cfg.SpinTime)
 	s.waitAvg += (int64(d) - s.waitAvg) / 8
+}
+
+// A futex sleep lasts about four typical waits, within [futexSleepMin,
+// futexSleepMax]; the receiver then sleeps on the socket, which holds no
+// thread. (Variables for tests.)
+var (
+	futexSleepMin = 200 * time.Microsecond
+	futexSleepMax = 5 * time.Millisecond
+)
+
+// futexWakeEnabled lets tests play a sender that predates futex sleeps.
+var futexWakeEnabled = true
+
+// futexUsable reports whether the receiver should sleep on the futex now:
+// the kernel has futex_waitv, the peer has not flooded us with futex
+// wake-ups, GOMAXPROCS is above 1 and no goroutine of ours waits for a
+// processor. A thread blocked in a system call keeps its processor until
+// sysmon takes it away (a hand-off to another thread, after one or two of
+// sysmon's ticks, 20 µs to 10 ms): with other goroutines waiting, or with
+// one processor only, they would wait that long. Recv turn held.
+func (s *Session) futexUsable() bool {
+	if !futexWaitvOK || s.futexOff {
+		return false
+	}
+	if !futexLoadCheck {
+		return true
+	}
+	sched.refresh(time.Now().UnixNano())
+	return sched.multiP.Load() && !sched.goWant.Load() && !sched.goBusy.Load()
+}
+
+// futexLoadCheck is off in tests that need a futex sleep whatever the
+// scheduler's load.
+var futexLoadCheck = true
+
+// sleepFutex sleeps on the peer's ring tail and our doorbell (see the wake
+// protocol above), for about four typical waits. done is false if it slept
+// that long: the caller then sleeps on the socket. Recv turn held, inside
+// an operation.
+func (s *Session) sleepFutex(ctx context.Context) (done bool, err error) {
+	s.futexSleeping.Store(true)
+	defer s.futexSleeping.Store(false)
+	bell := s.doorbell.Load()
+	const futexSleeper = stateSleeper | stateFutex
+	atomic.AddUint64(&s.localHdr.State, stateEpochOne|futexSleeper)
+	defer atomic.AddUint64(&s.localHdr.State, ^uint64(futexSleeper-1)) // subtracts futexSleeper
+	head := s.peerHead
+	if atomic.LoadUint64(&s.peerHdr.RingTail) != head || len(s.inlineQ) > 0 || s.life.closed() {
+		return true, nil
+	}
+	timeout := min(max(4*time.Duration(s.waitAvg), futexSleepMin), futexSleepMax)
+	if ctx.Done() != nil {
+		if ctxDone(ctx) {
+			return true, ctxErr(ctx)
+		}
+		// A ctx with a deadline ends the sleep at its deadline (a ctx
+		// cancelled earlier is seen when the sleep ends, within
+		// futexSleepMax); one without is watched by AfterFunc, which
+		// for such a ctx (a context.WithCancel) costs no goroutine.
+		// Callers such as the Kitex transport reuse one ctx type whose
+		// Done only its own goroutine may call.
+		if dl, ok := ctx.Deadline(); ok {
+			if timeout = min(timeout, time.Until(dl)); timeout <= 0 {
+				return false, nil // the socket sleep returns at once
+			}
+		} else {
+			stop := context.AfterFunc(ctx, s.ringDoorbell)
+			defer stop()
+		}
+	}
+	s.events.sleeps.Add(1)
+	tail := (*uint32)(unsafe.Pointer(&s.peerHdr.RingTail)) // the low half
+	timedOut := futexWaitTwo(tail, uint32(head), &s.doorbell, bell, timeout)
+	if ctxDone(ctx) {
+		return true, ctxErr(ctx)
+	}
+	if timedOut {
+		return false, nil
+	}
+	s.countFutexWake(atomic.LoadUint64(&s.peerHdr.RingTail) != head || s.doorbell.Load() != bell || len(s.inlineQ) > 0)
+	return true, nil
+}
+
+// countFutexWake counts a futex wake-up that found nothing new (spurious)
+// against those that did. A peer that keeps waking us for nothing would
+// keep our receiver polling; past wakeSlack net spurious wake-ups the
+// session sleeps on the socket only, where its wake frames are counted
+// against our sleeps (reader.go). An honest peer wakes each sleep at most
+// once. Recv turn held.
+func (s *Session) countFutexWake(found bool) {
+	if found {
+		s.futexSpurious = max(s.futexSpurious-1, 0)
+		return
+	}
+	if s.futexSpurious++; s.futexSpurious > wakeSlack {
+		s.futexOff = true
+		klog.Warnf("kshm: session with pid %d: %d futex wake-ups beyond those that found a message; sleeping on the socket from now on", s.peerPID, s.futexSpurious)
+	}
+}
+
+// ringDoorbell wakes our receiver if it sleeps on the futex (a wake frame
+// or an inline message arrived, the session closes, or its ctx ends).
+func (s *Session) ringDoorbell() {
+	s.doorbell.Add(1)
+	if s.futexSleeping.Load() {
+		futexWakePrivate(&s.doorbell)
+	}
 }

@@ -100,8 +100,8 @@ func writeCounters(w io.Writer, c *shm.RegionCounters, arena uint64) {
 	if sends > 0 {
 		pct = 100 * float64(c.WakeupsSaved) / float64(sends)
 	}
-	fmt.Fprintf(w, "  wake-ups   sent %d, saved %d (%.1f%% of sends needed no syscall), receiver slept %d times\n",
-		c.WakeupsSent, c.WakeupsSaved, pct, c.Sleeps)
+	fmt.Fprintf(w, "  wake-ups   sent %d (%d through the peer's futex), saved %d (%.1f%% of sends needed no syscall), receiver slept %d times\n",
+		c.WakeupsSent, c.FutexWakeups, c.WakeupsSaved, pct, c.Sleeps)
 }
 
 // writeGrowth prints a session's regions: committed and mapped bytes, and
@@ -130,6 +130,7 @@ func add(t, c *shm.RegionCounters) {
 	t.BytesRecv += c.BytesRecv
 	t.WakeupsSent += c.WakeupsSent
 	t.WakeupsSaved += c.WakeupsSaved
+	t.FutexWakeups += c.FutexWakeups
 	t.Sleeps += c.Sleeps
 	t.InlineSent += c.InlineSent
 	t.InlineRecv += c.InlineRecv
