@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"runtime/metrics"
 	"slices"
 	"strconv"
 	"sync"
@@ -24,6 +25,7 @@ type result struct {
 	failures int // errors and wrong responses
 	p50, p99 time.Duration
 	shm      shmCounters // kshm counters' change over the run
+	gcs      uint64      // this process's garbage collections during the run
 }
 
 // measure calls Echo with payloads of size bytes from concurrency goroutines
@@ -57,6 +59,7 @@ func measure(ec echoservice.Client, size, concurrency int, d time.Duration) resu
 	wg.Wait()
 
 	before := readCounters()
+	gcBefore := gcCycles()
 	end := time.Now().Add(d)
 	for w := 0; w < concurrency; w++ {
 		wg.Add(1)
@@ -76,13 +79,31 @@ func measure(ec echoservice.Client, size, concurrency int, d time.Duration) resu
 	}
 	wg.Wait()
 
-	r := result{size: size, calls: len(lats), failures: fails, shm: readCounters().sub(before)}
+	r := result{size: size, calls: len(lats), failures: fails, shm: readCounters().sub(before), gcs: gcCycles() - gcBefore}
 	if len(lats) > 0 {
 		slices.Sort(lats)
 		r.p50 = lats[len(lats)/2]
 		r.p99 = lats[min(len(lats)-1, len(lats)*99/100)]
 	}
 	return r
+}
+
+// gcCycles is the number of garbage collections this process has completed.
+func gcCycles() uint64 {
+	s := []metrics.Sample{{Name: "/gc/cycles/total:gc-cycles"}}
+	metrics.Read(s)
+	if s[0].Value.Kind() != metrics.KindUint64 {
+		return 0
+	}
+	return s[0].Value.Uint64()
+}
+
+// gcPer100 formats collections per 100 calls.
+func gcPer100(r result) string {
+	if r.calls == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f", 100*float64(r.gcs)/float64(r.calls))
 }
 
 // lastSeq numbers the measured calls, never twice in a run.
@@ -206,13 +227,13 @@ func durString(d time.Duration) string {
 // line per size, with their ratios and kshm's counters.
 func printCompare(w io.Writer, shm, plain []result) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "size\tkshm p50\tplain p50\tratio\tkshm p99\tplain p99\tratio\tcalls kshm/plain\tover shm\tfallbacks\tfailures\t\n")
+	fmt.Fprintf(tw, "size\tkshm p50\tplain p50\tratio\tkshm p99\tplain p99\tratio\tcalls kshm/plain\tover shm\tfallbacks\tfailures\tGCs/100 calls\t\n")
 	for i, r := range shm {
 		t := plain[i]
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\t%d\t%d\t%d\t\n", sizeString(r.size),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\t%d\t%d\t%d\t%s/%s\t\n", sizeString(r.size),
 			durString(r.p50), durString(t.p50), ratioString(r.p50, t.p50),
 			durString(r.p99), durString(t.p99), ratioString(r.p99, t.p99),
-			r.calls, t.calls, r.shm.calls, r.shm.fallbacks, r.failures+t.failures)
+			r.calls, t.calls, r.shm.calls, r.shm.fallbacks, r.failures+t.failures, gcPer100(r), gcPer100(t))
 	}
 	tw.Flush()
 }

@@ -59,8 +59,8 @@ func TestRun_EndToEnd(t *testing.T) {
 func TestCompareTableProblems(t *testing.T) {
 	good := `Echo, concurrency 1, 1s per size and transport, the same server: kshm (shared memory) against
 plain Kitex over the server's usual TCP address 127.0.0.1:1; every response verified byte for byte:
-     size  kshm p50  plain p50  ratio  kshm p99  plain p99  ratio  calls kshm/plain  over shm  fallbacks  failures
-     64 B    50.0µs    100.0µs  0.50x   200.0µs    100.0µs  2.00x         7514/7425      7514          0         0
+     size  kshm p50  plain p50  ratio  kshm p99  plain p99  ratio  calls kshm/plain  over shm  fallbacks  failures  GCs/100 calls
+     64 B    50.0µs    100.0µs  0.50x   200.0µs    100.0µs  2.00x         7514/7425      7514          0         0            1/0
 (ratio: ...)`
 	if p := compareTableProblems(good, []string{"64 B"}); len(p) != 0 {
 		t.Errorf("a good table: %v", p)
@@ -68,7 +68,8 @@ plain Kitex over the server's usual TCP address 127.0.0.1:1; every response veri
 	for name, bad := range map[string]string{
 		"wrong ratio":  strings.Replace(good, "0.50x", "0.30x", 1),
 		"no shm calls": strings.Replace(good, "      7514          0", "         0          0", 1),
-		"failures":     strings.Replace(good, "0         0\n(", "0         2\n(", 1),
+		"failures":     strings.Replace(good, "0         0            1/0\n(", "0         2            1/0\n(", 1),
+		"no GC column": strings.Replace(good, "            1/0\n(", "\n(", 1),
 		"no table":     "nothing",
 	} {
 		if p := compareTableProblems(bad, []string{"64 B"}); len(p) == 0 {
@@ -103,7 +104,7 @@ func compareTableProblems(out string, sizes []string) []string {
 	rows := map[string][]string{}
 	for _, l := range lines[start+1:] {
 		f := strings.Fields(l)
-		if len(f) != 12 {
+		if len(f) != 13 {
 			break
 		}
 		rows[f[0]+" "+f[1]] = f[2:]
@@ -114,7 +115,8 @@ func compareTableProblems(out string, sizes []string) []string {
 			errorf("%s: no row in the table", size)
 			continue
 		}
-		// kshm p50, plain p50, ratio, kshm p99, plain p99, ratio, calls kshm/plain, over shm, fallbacks, failures
+		// kshm p50, plain p50, ratio, kshm p99, plain p99, ratio, calls kshm/plain, over shm, fallbacks, failures,
+		// GCs per 100 calls kshm/plain
 		for _, q := range [][3]int{{0, 1, 2}, {3, 4, 5}} {
 			a, errA := time.ParseDuration(f[q[0]])
 			b, errB := time.ParseDuration(f[q[1]])
@@ -141,6 +143,12 @@ func compareTableProblems(out string, sizes []string) []string {
 		}
 		if fails != 0 {
 			errorf("%s: %d failures", size, fails)
+		}
+		kg, pg, ok := strings.Cut(f[10], "/")
+		if _, err := strconv.Atoi(kg); !ok || err != nil {
+			errorf("%s: GCs per 100 calls %q do not parse", size, f[10])
+		} else if _, err := strconv.Atoi(pg); err != nil {
+			errorf("%s: GCs per 100 calls %q do not parse", size, f[10])
 		}
 	}
 	return problems
