@@ -3,6 +3,7 @@ package shm
 import (
 	"context"
 	"errors"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -258,15 +259,9 @@ func TestFutex_NotWhileGoroutinesWait(t *testing.T) {
 	})
 	sched.goBusy.Store(false)
 	sched.goWant.Store(false)
-	sched.multiP.Store(true)
 	if !s.futexUsable() {
 		t.Fatal("futex not used with an idle scheduler")
 	}
-	sched.multiP.Store(false)
-	if s.futexUsable() {
-		t.Fatal("futex used with GOMAXPROCS 1")
-	}
-	sched.multiP.Store(true)
 	sched.goWant.Store(true)
 	if s.futexUsable() {
 		t.Fatal("futex used while a goroutine waits for a processor")
@@ -280,5 +275,37 @@ func TestFutex_NotWhileGoroutinesWait(t *testing.T) {
 	s.futexOff = true
 	if s.futexUsable() {
 		t.Fatal("futex used after a wake-up flood switched it off")
+	}
+}
+
+// Futex sleepers leave one processor free: with GOMAXPROCS 2 one receiver
+// of the process sleeps on a futex and a second on the socket; with
+// GOMAXPROCS 1 none sleeps on a futex. Both are woken by their senders.
+func TestFutex_LeavesOneProcessorFree(t *testing.T) {
+	requireFutex(t)
+	setFutexSleep(t, time.Minute)
+	for _, procs := range []int{2, 1} {
+		old := runtime.GOMAXPROCS(procs)
+		cliA, srvA := pair(t, sleepNowConfig(), sleepNowConfig())
+		cliB, srvB := pair(t, sleepNowConfig(), sleepNowConfig())
+		gotA := recvAsync(context.Background(), srvA)
+		gotB := recvAsync(context.Background(), srvB)
+		asleep := func(st uint64) bool { return st&sleeperCount != 0 }
+		waitState(t, srvA, "slept", asleep)
+		waitState(t, srvB, "slept", asleep)
+		onFutex := 0
+		for _, s := range []*Session{srvA, srvB} {
+			if futexAsleep(atomic.LoadUint64(&s.localHdr.State)) {
+				onFutex++
+			}
+		}
+		if want := procs - 1; onFutex != want {
+			t.Errorf("GOMAXPROCS %d: %d receivers asleep on a futex, want %d", procs, onFutex, want)
+		}
+		send(t, cliA, 1, []byte("a"))
+		send(t, cliB, 2, []byte("b"))
+		wantRecv(t, gotA, 1, "a")
+		wantRecv(t, gotB, 2, "b")
+		runtime.GOMAXPROCS(old)
 	}
 }

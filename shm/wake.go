@@ -246,11 +246,12 @@ var futexWakeEnabled = true
 
 // futexUsable reports whether the receiver should sleep on the futex now:
 // the kernel has futex_waitv, the peer has not flooded us with futex
-// wake-ups, GOMAXPROCS is above 1 and no goroutine of ours waits for a
-// processor. A thread blocked in a system call keeps its processor until
-// sysmon takes it away (a hand-off to another thread, after one or two of
-// sysmon's ticks, 20 µs to 10 ms): with other goroutines waiting, or with
-// one processor only, they would wait that long. Recv turn held.
+// wake-ups, and no goroutine of ours waits for a processor. A thread
+// blocked in a system call keeps its processor until sysmon takes it away
+// (a hand-off to another thread, after one or two of sysmon's ticks, 20 µs
+// to 10 ms): goroutines waiting for one would wait that long. For the same
+// reason sleepFutex leaves one processor free of futex sleepers. Recv turn
+// held.
 func (s *Session) futexUsable() bool {
 	if !futexWaitvOK || s.futexOff {
 		return false
@@ -259,7 +260,22 @@ func (s *Session) futexUsable() bool {
 		return true
 	}
 	sched.refresh(time.Now().UnixNano())
-	return sched.multiP.Load() && !sched.goWant.Load() && !sched.goBusy.Load()
+	return !sched.goWant.Load() && !sched.goBusy.Load()
+}
+
+// futexSleepers counts this process's receivers sleeping on a futex: at
+// most GOMAXPROCS-1, so that one processor is always left to the rest of
+// the process (timers, the network poller, other goroutines) without
+// waiting for sysmon, and none with GOMAXPROCS 1.
+var futexSleepers atomic.Int32
+
+// reserveFutexSleep takes a futex sleeper's place; false if none is left.
+func reserveFutexSleep() bool {
+	if futexSleepers.Add(1) <= int32(runtime.GOMAXPROCS(0)-1) {
+		return true
+	}
+	futexSleepers.Add(-1)
+	return false
 }
 
 // futexLoadCheck is off in tests that need a futex sleep whatever the
@@ -268,9 +284,14 @@ var futexLoadCheck = true
 
 // sleepFutex sleeps on the peer's ring tail and our doorbell (see the wake
 // protocol above), for about four typical waits. done is false if it slept
-// that long: the caller then sleeps on the socket. Recv turn held, inside
+// that long, or if GOMAXPROCS-1 receivers already sleep on futexes: the
+// caller then sleeps on the socket. Recv turn held, inside
 // an operation.
 func (s *Session) sleepFutex(ctx context.Context) (done bool, err error) {
+	if !reserveFutexSleep() {
+		return false, nil
+	}
+	defer futexSleepers.Add(-1)
 	s.futexSleeping.Store(true)
 	defer s.futexSleeping.Store(false)
 	bell := s.doorbell.Load()

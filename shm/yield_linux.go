@@ -36,7 +36,6 @@ type schedLoad struct {
 	goBusy  atomic.Bool // more goroutines runnable than GOMAXPROCS
 	goWant  atomic.Bool // some goroutine runnable and no processor idle
 	cpuBusy atomic.Bool // more threads runnable on the machine than CPUs
-	multiP  atomic.Bool // GOMAXPROCS is above 1
 	sample  []metrics.Sample
 	loadavg int       // descriptor of /proc/loadavg: 0 not yet open, -1 unavailable
 	buf     [128]byte // its contents
@@ -62,7 +61,6 @@ func (l *schedLoad) refresh(now int64) {
 		l.goNext.Store(now + int64(goSampleEvery))
 		metrics.Read(l.sample)
 		procs := uint64(runtime.GOMAXPROCS(0))
-		l.multiP.Store(procs > 1)
 		runnable, okRunnable := sampleUint(l.sample[0])
 		running, okRunning := sampleUint(l.sample[1])
 		notInGo, _ := sampleUint(l.sample[2])
