@@ -94,12 +94,14 @@ type Config struct {
 	// WakeMode is how this side's receiver waits.
 	WakeMode WakeMode
 	// SpinTime is the longest a receiver in notify mode polls before it
-	// sleeps. The receiver adapts: it polls a little longer than its typical
-	// wait when that is below SpinTime (a busy session then makes no
-	// syscalls), and only briefly when waits are longer (an idle session
-	// costs almost no CPU). 0 sleeps at once. The default, 500 µs, covers
-	// a 1 MiB round trip: on a VM a receiver that sleeps lets its vCPU
-	// halt, and waking it again costs tens of microseconds.
+	// sleeps. The receiver adapts: while its median wait is shorter than
+	// a wake-up costs (about 50 µs on a small VM) and than SpinTime, it
+	// polls a little longer than that wait (a busy session then makes no
+	// syscalls); when waits are longer it sleeps almost at once, because
+	// polling through them would cost more CPU than the wake-up it saves
+	// (an idle session costs no CPU either). 0 sleeps at once. The
+	// default, 500 µs, leaves the budget to that rule, which never polls
+	// longer than about 100 µs.
 	SpinTime time.Duration
 	// PollInterval is the check interval in timed mode.
 	PollInterval time.Duration

@@ -6,34 +6,63 @@ import (
 	"time"
 )
 
-// The spin budget follows the typical wait: short waits give a short
-// budget (not the whole SpinTime), long waits switch polling off, and one
-// long wait among short ones does not.
+// The spin budget follows the median wait: short waits give a short budget
+// (not the whole SpinTime), waits longer than a wake-up costs switch polling
+// off, one long wait among short ones does not, and neither do rare long
+// waits (a garbage collection now and then) that would pull a mean up.
 func TestSpin_BudgetFollowsTypicalWait(t *testing.T) {
 	s := &Session{cfg: DefaultConfig()} // SpinTime 500 µs
-	s.waitAvg = int64(s.cfg.SpinTime / 2)
-	for range 50 {
+	s.waitMid = int64(wakeCost / 2)
+	for range 100 {
 		s.observeWait(5 * time.Microsecond)
 	}
-	b := s.spinBudget()
-	if b != wakeCost {
+	if b := s.spinBudget(); b != wakeCost {
 		t.Fatalf("budget %v after waits of 5 µs, want the floor (%v)", b, wakeCost)
 	}
-	for range 50 {
-		s.observeWait(100 * time.Microsecond)
+	for range 100 {
+		s.observeWait(40 * time.Microsecond)
 	}
-	if b := s.spinBudget(); b < 150*time.Microsecond || b > 250*time.Microsecond {
-		t.Fatalf("budget %v after waits of 100 µs, want about twice the wait", b)
+	if b := s.spinBudget(); b < 70*time.Microsecond || b > 95*time.Microsecond {
+		t.Fatalf("budget %v after waits of 40 µs, want about twice the wait", b)
 	}
 	s.observeWait(time.Second) // one preempted or idle wait
 	if b := s.spinBudget(); b <= minSpin || b >= s.cfg.SpinTime {
 		t.Fatalf("budget %v after one long wait among short ones, want still polling and below SpinTime", b)
 	}
-	for range 50 {
+	for range 100 {
+		s.observeWait(100 * time.Microsecond)
+	}
+	if b := s.spinBudget(); b != minSpin {
+		t.Fatalf("budget %v after waits of 100 µs, longer than a wake-up costs (%v), want minSpin (%v)", b, wakeCost, minSpin)
+	}
+	for i := range 300 { // mostly 10 µs, every third a 5 ms pause
+		if i%3 == 2 {
+			s.observeWait(5 * time.Millisecond)
+		} else {
+			s.observeWait(10 * time.Microsecond)
+		}
+	}
+	if b := s.spinBudget(); b != wakeCost {
+		t.Fatalf("budget %v when two waits in three are 10 µs, want polling for %v (median %v, mean %v)", b, wakeCost, time.Duration(s.waitMid), time.Duration(s.waitAvg))
+	}
+	for range 100 {
 		s.observeWait(5 * time.Millisecond)
 	}
 	if b := s.spinBudget(); b != minSpin {
 		t.Fatalf("budget %v after waits of 5 ms, want minSpin (%v)", b, minSpin)
+	}
+	s.cfg.SpinTime = 20 * time.Microsecond
+	for range 100 {
+		s.observeWait(10 * time.Microsecond)
+	}
+	if b := s.spinBudget(); b != s.cfg.SpinTime {
+		t.Fatalf("budget %v with SpinTime %v and waits of 10 µs, want SpinTime", b, s.cfg.SpinTime)
+	}
+	for range 100 {
+		s.observeWait(30 * time.Microsecond)
+	}
+	if b := s.spinBudget(); b != minSpin {
+		t.Fatalf("budget %v with SpinTime %v and waits of 30 µs, want minSpin", b, s.cfg.SpinTime)
 	}
 	s.cfg.SpinTime = 0
 	if b := s.spinBudget(); b != 0 {
