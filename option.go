@@ -103,6 +103,15 @@ func WithPollInterval(d time.Duration) Option {
 	return Option{"WithPollInterval", bothSides, func(c *transport.Config) { c.Shm.PollInterval = d }}
 }
 
+// WithSpinTime sets how long this side's receiver may poll before it sleeps
+// in WakeNotify mode (default transport.DefaultSpinTime, 100 µs; 0 sleeps at
+// once; at most 1 s). It polls only while twice its median wait fits: a
+// longer SpinTime buys latency with CPU when the peer takes longer to
+// answer (see shm.Config.SpinTime).
+func WithSpinTime(d time.Duration) Option {
+	return Option{"WithSpinTime", bothSides, func(c *transport.Config) { c.Shm.SpinTime = d }}
+}
+
 // WithSessions sets how many sessions a client keeps to its socket path
 // (default 1; each has its own regions and receive roles).
 func WithSessions(n int) Option {

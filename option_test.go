@@ -56,6 +56,8 @@ var badSettings = []struct {
 	{kshm.WithRegionSize(1), "RegionSize"},
 	{kshm.WithMaxMessageSize(10), "MaxMessageSize"},
 	{kshm.WithWakeMode(kshm.WakeMode(9)), "WakeMode"},
+	{kshm.WithSpinTime(-time.Microsecond), "SpinTime"},
+	{kshm.WithSpinTime(2 * time.Second), "SpinTime"},
 	{kshm.WithSocketMode(0o400), "SocketMode"},
 	{kshm.WithHandshakeTimeout(0), "HandshakeTimeout"},
 	{kshm.WithSocketPath("relative.sock"), "WithSocketPath"},
@@ -350,6 +352,48 @@ func TestWithClientShmIPC_FallbackKeepsProtocol(t *testing.T) {
 		c.Echo(context.Background(), &echo.EchoRequest{}) // fails: nobody listens
 		if got != tc.want || tag != transport.TransportFallback {
 			t.Errorf("transport protocol %v over %q, want %v over the fallback", got, tag, tc.want)
+		}
+	}
+}
+
+// WithSpinTime alone works on either side, from 0 (sleep at once) to its
+// maximum: calls go over shared memory. The Kitex default is
+// transport.DefaultSpinTime, shorter than the engine's.
+func TestWithSpinTime_Alone(t *testing.T) {
+	if got := transport.DefaultConfig().Shm.SpinTime; got != transport.DefaultSpinTime || got >= shm.DefaultConfig().SpinTime {
+		t.Fatalf("the transport's default SpinTime is %v, want DefaultSpinTime (%v), below the engine's", got, transport.DefaultSpinTime)
+	}
+	for _, pair := range [][2]time.Duration{{0, time.Second}, {time.Second, 0}} {
+		sock := filepath.Join(t.TempDir(), "k.sock")
+		svr := echoservice.NewServer(&nopEcho{},
+			server.WithServiceAddr(&tcpAddr{"127.0.0.1:0"}),
+			kshm.WithServerShmIPC(kshm.WithSocketPath(sock), kshm.WithRegionSize(shm.MinRegionSize), kshm.WithSpinTime(pair[0])),
+			server.WithExitWaitTime(100*time.Millisecond),
+		)
+		errc := make(chan error, 1)
+		go func() { errc <- svr.Run() }()
+		waitSocket(t, sock)
+		var tag string
+		c, err := echoservice.NewClient("svc",
+			kshm.WithClientShmIPC(kshm.WithSocketPath(sock), kshm.WithRegionSize(shm.MinRegionSize), kshm.WithSpinTime(pair[1])),
+			client.WithMiddleware(func(next endpoint.Endpoint) endpoint.Endpoint {
+				return func(ctx context.Context, req, resp any) error {
+					err := next(ctx, req, resp)
+					tag, _ = rpcinfo.GetRPCInfo(ctx).To().Tag(transport.TagTransport)
+					return err
+				}
+			}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range 20 {
+			if _, err := c.Echo(context.Background(), &echo.EchoRequest{}); err != nil || tag != transport.TransportShm {
+				t.Fatalf("server SpinTime %v, client %v: call %d: %v over %q", pair[0], pair[1], i, err, tag)
+			}
+		}
+		svr.Stop()
+		if err := <-errc; err != nil {
+			t.Fatal(err)
 		}
 	}
 }

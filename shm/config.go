@@ -94,14 +94,14 @@ type Config struct {
 	// WakeMode is how this side's receiver waits.
 	WakeMode WakeMode
 	// SpinTime is the longest a receiver in notify mode polls before it
-	// sleeps. The receiver adapts: while its median wait is shorter than
-	// a wake-up costs (about 50 µs on a small VM) and than SpinTime, it
-	// polls a little longer than that wait (a busy session then makes no
-	// syscalls); when waits are longer it sleeps almost at once, because
-	// polling through them would cost more CPU than the wake-up it saves
-	// (an idle session costs no CPU either). 0 sleeps at once. The
-	// default, 500 µs, leaves the budget to that rule, which never polls
-	// longer than about 100 µs.
+	// sleeps: how much CPU it may spend to save a wake-up's latency. The
+	// receiver adapts: while twice its median wait fits in SpinTime, it
+	// polls a little longer than that wait (at least about what a wake-up
+	// costs, 50 µs), so a busy session makes no syscalls; when its waits
+	// are longer it sleeps almost at once, so an idle session costs no
+	// CPU. 0 sleeps at once. The default, 500 µs, polls through waits of
+	// up to 250 µs (a 256 KiB round trip); the Kitex transport's is
+	// shorter (transport.DefaultSpinTime).
 	SpinTime time.Duration
 	// PollInterval is the check interval in timed mode.
 	PollInterval time.Duration

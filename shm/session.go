@@ -180,7 +180,7 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 		s.slotWords[i].Store(freedWord(0)) // free: ready for generation 1 (send.go)
 	}
 	s.leakLogged = make([]uint32, n)
-	s.waitAvg = int64(cfg.SpinTime / 2)
+	s.waitAvg = int64(waitSampleCap / 4)
 	s.waitMid = int64(wakeCost / 2) // poll until the session has waited a few times
 	s.coarseNow.Store(time.Now().UnixNano())
 	s.life.init(func() {

@@ -186,26 +186,27 @@ func (s *Session) pause(i int) {
 // The spin policy (notify mode). A receiver that finds nothing polls for a
 // budget, then sleeps. Polling costs CPU for as long as the wait; sleeping
 // costs a wake-up (the peer's system call, and a thread, often a halted
-// vCPU, woken here), about wakeCost. So the budget follows the median of
-// recent waits:
-//   - while it is within wakeCost, the receiver polls for twice it plus
-//     minSpin, and at least wakeCost (polling for as long as a wake-up
-//     costs is never worse than sleeping at once: the competitive
+// vCPU, woken here), about wakeCost, and adds its latency. So the budget
+// follows the median of recent waits:
+//   - while twice it fits in SpinTime, the receiver polls for twice it
+//     plus minSpin, and at least wakeCost (polling for as long as a
+//     wake-up costs is never worse than sleeping at once: the competitive
 //     spin-then-block rule), capped at SpinTime; a wait a few µs longer
 //     than usual then does not pay a wake-up;
-//   - when it is longer, the receiver polls for minSpin only and sleeps:
-//     polling through the whole wait would cost more CPU than the wake-up
-//     it saves. An idle session therefore costs no CPU either.
+//   - when it does not, the receiver polls for minSpin only and sleeps.
+//     An idle session therefore costs no CPU.
+//
+// SpinTime thus says how much CPU a receiver may spend to save a wake-up's
+// latency. The engine's default (500 µs) polls through waits of up to
+// 250 µs; the Kitex transport's (transport.DefaultSpinTime, 100 µs) only
+// through waits shorter than about a wake-up, because there the peer's
+// process collects garbage while we wait: polling through its work cost
+// 1.4x netpoll's CPU per call at 64 KiB, and sleeping at once 0.9-1.1x.
 //
 // The median, not the mean: a garbage collection or a preemption now and
-// then makes a few waits of milliseconds, which would pull a mean past
-// wakeCost while most waits are short. Polling also stops while the process
-// has more runnable goroutines than GOMAXPROCS: its processor is wanted.
-//
-// Measured at Kitex 64 KiB c=1 on the 2-vCPU VMs, where the peer works about
-// 60 µs per call: polling through it (the budget followed the mean, up to
-// SpinTime) cost 1.4x netpoll's CPU per call; sleeping at once, 0.9-1.1x,
-// with the p50 about 20 µs longer and still below netpoll's.
+// then makes a few waits of milliseconds, which would pull a mean far up
+// while most waits are short. Polling also stops while the process has more
+// runnable goroutines than GOMAXPROCS: its processor is wanted.
 
 // minSpin is how long a receiver polls before sleeping when its waits are
 // long anyway.
@@ -220,11 +221,11 @@ const wakeCost = 50 * time.Microsecond
 
 // spinBudget is how long Recv polls before it sleeps. Recv turn held.
 func (s *Session) spinBudget() time.Duration {
-	typical := time.Duration(s.waitMid)
-	if s.cfg.SpinTime <= minSpin || typical > min(wakeCost, s.cfg.SpinTime) {
+	need := 2*time.Duration(s.waitMid) + minSpin
+	if s.cfg.SpinTime <= minSpin || need > s.cfg.SpinTime {
 		return min(minSpin, s.cfg.SpinTime)
 	}
-	return min(max(2*typical+minSpin, wakeCost), s.cfg.SpinTime)
+	return min(max(need, wakeCost), s.cfg.SpinTime)
 }
 
 // keepSpinning reports whether a receiver that has polled since spinStart
@@ -237,13 +238,16 @@ func (s *Session) keepSpinning(now, spinStart time.Time, budget time.Duration) b
 	return !sched.goBusy.Load()
 }
 
+// waitSampleCap bounds a wait's weight in the mean, so that one preempted or
+// idle wait moves it by a bounded step.
+const waitSampleCap = time.Millisecond
+
 // observeWait folds one wait into the mean (weight 1/8, each sample capped
-// at twice SpinTime so that one preempted or idle wait moves it by a
-// bounded step) and into the median: a streaming estimate that moves up or
+// at waitSampleCap) and into the median: a streaming estimate that moves up or
 // down by a sixteenth of itself (at least 100 ns) towards each sample, so
 // it settles where as many waits are above as below. Recv turn held.
 func (s *Session) observeWait(d time.Duration) {
-	s.waitAvg += (int64(min(d, 2*s.cfg.SpinTime)) - s.waitAvg) / 8
+	s.waitAvg += (int64(min(d, waitSampleCap)) - s.waitAvg) / 8
 	step := s.waitMid/16 + int64(100*time.Nanosecond)
 	if int64(d) > s.waitMid {
 		s.waitMid += step
