@@ -197,8 +197,8 @@ func (s *Session) pause(i int) {
 //     An idle session therefore costs no CPU.
 //
 // SpinTime thus says how much CPU a receiver may spend to save a wake-up's
-// latency. The engine's default (500 µs) polls through waits of up to
-// 250 µs; the Kitex transport's (transport.DefaultSpinTime, 100 µs) only
+// latency. The engine's default (1 ms) polls through waits of up to
+// 500 µs; the Kitex transport's (transport.DefaultSpinTime, 100 µs) only
 // through waits shorter than about a wake-up, because there the peer's
 // process collects garbage while we wait: polling through its work cost
 // 1.4x netpoll's CPU per call at 64 KiB, and sleeping at once 0.9-1.1x.

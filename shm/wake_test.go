@@ -12,7 +12,8 @@ import (
 // do rare long waits (a garbage collection now and then) that would pull a
 // mean up.
 func TestSpin_BudgetFollowsTypicalWait(t *testing.T) {
-	s := &Session{cfg: DefaultConfig()} // SpinTime 500 µs
+	s := &Session{cfg: DefaultConfig()}
+	s.cfg.SpinTime = 500 * time.Microsecond
 	s.waitMid = int64(wakeCost / 2)
 	observe := func(d time.Duration) {
 		for range 150 {
