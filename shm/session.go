@@ -100,7 +100,7 @@ type Session struct {
 	_ cacheLinePad
 	// recvTurn admits one Recv at a time; the holder owns peerHead (our
 	// consumer index of the peer's send ring), recvTurn.count (messages
-	// received through the ring), waitAvg, waitMid, recvHolds (holds
+	// received through the ring), waitAvg, waitMid, waitLow, recvHolds (holds
 	// taken from life in batches: they keep the mappings while the holder
 	// reads the peer's ring, and each received message with segments takes
 	// one) and recvSettled (they were returned after close, and
@@ -113,6 +113,7 @@ type Session struct {
 	finalHead     uint64 // peerHead when the turn settled; read after recvDrained
 	waitAvg       int64  // mean wait in nanoseconds, for the futex sleep's bound (wake.go)
 	waitMid       int64  // median wait in nanoseconds, for the spin budget (wake.go)
+	waitLow       int64  // lower quartile of the waits, whether to poll at all (wake.go)
 	events        eventCounters
 	recvWake      chan struct{}
 	doorbell      atomic.Uint32 // rung to wake a futex sleeper from this process (wake.go)
@@ -182,6 +183,7 @@ func newSession(cfg Config, conn *net.UnixConn, role uint32, local, peer *region
 	s.leakLogged = make([]uint32, n)
 	s.waitAvg = int64(waitSampleCap / 4)
 	s.waitMid = int64(wakeCost / 2) // poll until the session has waited a few times
+	s.waitLow = s.waitMid
 	s.coarseNow.Store(time.Now().UnixNano())
 	s.life.init(func() {
 		s.unmapGrown()

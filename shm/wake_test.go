@@ -15,15 +15,16 @@ func TestSpin_BudgetFollowsTypicalWait(t *testing.T) {
 	s := &Session{cfg: DefaultConfig()}
 	s.cfg.SpinTime = 500 * time.Microsecond
 	s.waitMid = int64(wakeCost / 2)
+	s.waitLow = s.waitMid
 	observe := func(d time.Duration) {
-		for range 150 {
+		for range 400 { // the lower quartile rises by a 48th of itself per longer wait
 			s.observeWait(d)
 		}
 	}
 	within := func(what string, lo, hi time.Duration) {
 		t.Helper()
 		if b := s.spinBudget(); b < lo || b > hi {
-			t.Fatalf("SpinTime %v, %s: budget %v, want %v..%v (median %v)", s.cfg.SpinTime, what, b, lo, hi, time.Duration(s.waitMid))
+			t.Fatalf("SpinTime %v, %s: budget %v, want %v..%v (median %v, lower quartile %v)", s.cfg.SpinTime, what, b, lo, hi, time.Duration(s.waitMid), time.Duration(s.waitLow))
 		}
 	}
 	observe(5 * time.Microsecond)
@@ -52,6 +53,30 @@ func TestSpin_BudgetFollowsTypicalWait(t *testing.T) {
 	within("waits of 40 µs", 70*time.Microsecond, 95*time.Microsecond)
 	observe(60 * time.Microsecond)
 	within("waits of 60 µs: twice does not fit", minSpin, minSpin)
+	// Bimodal, as a Kitex server's waits with an RPC timeout on its client:
+	// two in five short, the rest past the threshold. The median (80 µs)
+	// says sleep; the short mode is worth polling for, about as long as it
+	// lasts.
+	for i := range 300 {
+		if i%5 < 2 {
+			s.observeWait(7 * time.Microsecond)
+		} else {
+			s.observeWait(80 * time.Microsecond)
+		}
+	}
+	within("two waits in five of 7 µs, the rest 80 µs", 14*time.Microsecond, 20*time.Microsecond)
+	for i := range 300 { // one in six short: too few to pay for polling
+		if i%6 == 0 {
+			s.observeWait(7 * time.Microsecond)
+		} else {
+			s.observeWait(80 * time.Microsecond)
+		}
+	}
+	within("one wait in six of 7 µs, the rest 80 µs", minSpin, minSpin)
+	for i := range 300 { // spread over 25-105 µs: no short mode
+		s.observeWait(time.Duration(25+20*(i%5)) * time.Microsecond)
+	}
+	within("waits spread over 25-105 µs", minSpin, minSpin)
 
 	s.cfg.SpinTime = 20 * time.Microsecond
 	observe(5 * time.Microsecond)
