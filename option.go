@@ -105,8 +105,9 @@ func WithPollInterval(d time.Duration) Option {
 
 // WithSpinTime sets how long this side's receiver may poll before it sleeps
 // in WakeNotify mode (default transport.DefaultSpinTime, 100 µs; 0 sleeps at
-// once; at most 1 s). It polls only while twice its median wait fits: a
-// longer SpinTime buys latency with CPU when the peer takes longer to
+// once; at most 1 s). It polls only while twice its median wait fits (or,
+// for a short mode of its waits, twice the lower-quartile wait while that is
+// under 50 µs): a longer SpinTime buys latency with CPU when the peer takes longer to
 // answer (see shm.Config.SpinTime).
 func WithSpinTime(d time.Duration) Option {
 	return Option{"WithSpinTime", bothSides, func(c *transport.Config) { c.Shm.SpinTime = d }}

@@ -98,8 +98,9 @@ type Config struct {
 	// receiver adapts: while twice its median wait fits in SpinTime, it
 	// polls a little longer than that wait (at least about what a wake-up
 	// costs, 50 µs), so a busy session makes no syscalls; when its waits
-	// are longer it sleeps almost at once, so an idle session costs no
-	// CPU. 0 sleeps at once. The default, 1 ms, polls through waits of up
+	// are longer it polls only through a short mode of them (twice its
+	// lower-quartile wait, when that is under 50 µs) or sleeps almost at
+	// once, so an idle session costs no CPU. 0 sleeps at once. The default, 1 ms, polls through waits of up
 	// to 500 µs (a 1 MiB round trip on a small VM, where a sleeping
 	// receiver at that size measured 1.3-1.5x slower); the Kitex
 	// transport's is shorter (transport.DefaultSpinTime).

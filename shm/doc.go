@@ -30,8 +30,9 @@
 //	err = s.Send(ctx, id, 0, 0, b) // on error b is still ours: s.Free(b)
 //
 // Wake-ups are batched: a receiver in WakeNotify mode spins for about twice
-// its median wait when that fits in Config.SpinTime, then marks itself
-// sleeping and rechecks its ring; a sender
+// its median wait when that fits in Config.SpinTime (else for a short mode
+// of its waits, or hardly at all), then marks itself sleeping and rechecks
+// its ring; a sender
 // writes to the socket only when it finds the receiver sleeping. WakePoll
 // never sleeps; WakeTimed checks every Config.PollInterval and senders never
 // make a syscall. The client asks for a mode for both sides of a session; a

@@ -59,8 +59,8 @@ type Config struct {
 
 // DefaultSpinTime is the Kitex transport's shm.Config.SpinTime: a receiver
 // polls only through waits shorter than about a wake-up (twice the median
-// wait must fit), and otherwise sleeps at once. The engine's default, 500
-// µs, polls through the peer's work at 64-256 KiB; in a Kitex process that
+// wait must fit, or twice the lower-quartile one for a short mode), and
+// otherwise sleeps at once. The engine's default, 1 ms, polls through the peer's work at 64-256 KiB; in a Kitex process that
 // work includes the decoding and the garbage collection of both processes,
 // and on the 2-vCPU VMs this was built on polling through it cost 1.4x
 // netpoll's CPU per call at 64 KiB c=1, against 0.9-1.1x sleeping at once
