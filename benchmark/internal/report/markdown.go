@@ -801,7 +801,7 @@ var whatRemoves = map[string]string{
 		"for the application, or a real application's larger heap, removes the difference (README: GOGC=400 runs)",
 	"alloc": "the same decoded copies, allocated",
 	"wait": "kshm's receiver polls while the peer works, when its median wait is shorter than a wake-up costs (about " +
-		"50 µs): CPU bought for latency; a shorter SpinTime trades it back",
+		"50 µs), or through the short mode of bimodal waits: CPU bought for latency; a shorter SpinTime trades it back",
 	"scheduler": "goroutine hand-offs: with an RPC timeout Kitex's timeout pool hands every call to a worker and back; at " +
 		"c=16 the receiving role passes between callers and responses are handed to their callers",
 	"syscall":   "wake-ups of a receiver that slept",
