@@ -613,6 +613,85 @@ func (d *data) roundsSection(b *strings.Builder) {
 		b.WriteString("Rounds whose p50 is at least 1.5× the fastest round's, against the fastest round (per call, both " +
 			"processes):\n\n" + strings.Join(slow, "\n") + "\n\n")
 	}
+	d.roundRatios(b)
+}
+
+// roundPairs are the comparisons roundRatios makes, per layer: kshm's
+// transport against each baseline.
+var roundPairs = map[string][][2]string{
+	"engine": {{"kshm", "floor"}, {"kshm", "uds"}, {"kshm", "shmipc-go"}},
+	"kitex":  {{"kshm", "netpoll-uds"}, {"kshm-rpctimeout", "netpoll-uds-rpctimeout"}},
+}
+
+// roundRatios shows kshm over each baseline round by round. Within a round
+// the transports run back to back, so both ran on the same placement of the
+// machine's vCPUs; a ratio of medians can pair a fast round of one with a
+// slow round of the other (on a VM whose host moves its vCPUs, the floor at
+// 1 MiB took 90 µs in some rounds and 380 µs in others).
+func (d *data) roundRatios(b *strings.Builder) {
+	var rows [][]string
+	for _, layer := range []string{"engine", "kitex"} {
+		for _, pair := range roundPairs[layer] {
+			for _, size := range []int{64, 16 << 10, 1 << 20} {
+				k, ok1 := d.get(layer, pair[0], size, 1)
+				base, ok2 := d.get(layer, pair[1], size, 1)
+				if !ok1 || !ok2 {
+					continue
+				}
+				p50 := perRound(k.P50Rounds, base.P50Rounds)
+				cpu := perRound(k.CPURounds, base.CPURounds)
+				if len(p50) == 0 {
+					continue
+				}
+				rows = append(rows, []string{layer, pair[0] + " / " + pair[1], SizeName(size),
+					ratios(p50), fmt.Sprintf("%.2f×", medianOf(p50)), ratios(cpu), fmt.Sprintf("%.2f×", medianOf(cpu))})
+			}
+		}
+	}
+	if len(rows) == 0 {
+		return
+	}
+	b.WriteString("kshm against each baseline within each round (concurrency 1). The transports of a round run back to " +
+		"back, so they share the machine's state, which a ratio of medians taken from different rounds does not:\n\n")
+	table(b, []string{"layer", "kshm / baseline", "size", "p50, round by round", "median", "CPU per call, round by round",
+		"median"}, rows)
+}
+
+// perRound divides a by b round by round, over the rounds both have.
+func perRound(a, b []float64) []float64 {
+	var out []float64
+	for i := 0; i < len(a) && i < len(b); i++ {
+		if b[i] > 0 {
+			out = append(out, a[i]/b[i])
+		}
+	}
+	return out
+}
+
+func ratios(v []float64) string {
+	if len(v) == 0 {
+		return "–"
+	}
+	parts := make([]string, len(v))
+	for i, x := range v {
+		parts[i] = fmt.Sprintf("%.2f", x)
+	}
+	return strings.Join(parts, ", ")
+}
+
+// medianOf is the median of v (the mean of the middle two for an even
+// count); v is not modified.
+func medianOf(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
 }
 
 // slowRound describes the slowest round of r, if its p50 is at least 1.5

@@ -121,3 +121,42 @@ func TestWrite_FloorSection(t *testing.T) {
 		}
 	}
 }
+
+// The per-round table divides kshm by its baseline within each round, not
+// medians from different rounds, and leaves out pairs with no baseline.
+func TestWrite_RatiosRoundByRound(t *testing.T) {
+	dir := t.TempDir()
+	if err := Write(dir, synthetic(), Options{Source: "x.json", Command: "make bench"}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "REPORT.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	report := string(b)
+	// engine kshm 64 B: rounds 1, 3, 1 µs; uds: 2.128, 2.341, 1.915 µs.
+	want := "| engine | kshm / uds | 64 B | 0.47, 1.28, 0.52 | 0.52× |"
+	if !strings.Contains(report, want) {
+		t.Errorf("no per-round row %q in:\n%s", want, report)
+	}
+	if strings.Contains(report, "kshm / floor") {
+		t.Error("a row for kshm / floor, which the records do not have")
+	}
+}
+
+func TestMedianOf(t *testing.T) {
+	for _, c := range []struct {
+		in   []float64
+		want float64
+	}{{nil, 0}, {[]float64{3}, 3}, {[]float64{3, 1, 2}, 2}, {[]float64{4, 1, 3, 2}, 2.5}} {
+		in := append([]float64(nil), c.in...)
+		if got := medianOf(c.in); got != c.want {
+			t.Errorf("medianOf(%v) = %v, want %v", c.in, got, c.want)
+		}
+		for i := range in {
+			if in[i] != c.in[i] {
+				t.Errorf("medianOf modified its input: %v", c.in)
+			}
+		}
+	}
+}
