@@ -6,7 +6,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -731,22 +730,9 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 	return res, nil
 }
 
-func median(v []float64) float64 {
-	if len(v) == 0 {
-		return 0
-	}
-	s := append([]float64(nil), v...)
-	sort.Float64s(s)
-	n := len(s)
-	if n%2 == 1 {
-		return s[n/2]
-	}
-	return (s[n/2-1] + s[n/2]) / 2
-}
-
 // spread is (max-min)/median of the rounds, as a fraction.
 func spread(v []float64) float64 {
-	m := median(v)
+	m := report.Median(v)
 	if len(v) < 2 || m == 0 {
 		return 0
 	}

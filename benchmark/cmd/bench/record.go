@@ -9,6 +9,8 @@ import (
 	"runtime"
 	"strings"
 	"time"
+
+	"github.com/shmkit/kshm/benchmark/internal/report"
 )
 
 // record is one line of results/*.json: the medians over the rounds of one
@@ -184,7 +186,7 @@ func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m m
 		}
 		return v
 	}
-	med := func(f func(r roundResult) float64) float64 { return round3(median(col(f))) }
+	med := func(f func(r roundResult) float64) float64 { return round3(report.Median(col(f))) }
 	if len(rs) == 0 {
 		return rec
 	}

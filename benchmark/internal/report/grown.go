@@ -50,24 +50,17 @@ func (d *data) grownSection(b *strings.Builder) {
 			rows = append(rows, []string{SizeName(s), "not measured", "", "", "", "", "", "", ""})
 			continue
 		}
-		var per []string
 		var ratios []float64
 		if len(p.fixed.QPSRounds) == len(p.grown.QPSRounds) {
-			for i := range p.fixed.QPSRounds {
-				if p.fixed.QPSRounds[i] > 0 {
-					r := p.grown.QPSRounds[i] / p.fixed.QPSRounds[i]
-					ratios = append(ratios, r)
-					per = append(per, fmt.Sprintf("%.2f", r))
-				}
-			}
+			ratios = perRound(p.grown.QPSRounds, p.fixed.QPSRounds)
+		}
+		per := make([]string, len(ratios))
+		for i, r := range ratios {
+			per[i] = fmt.Sprintf("%.2f", r)
 		}
 		med := p.grown.QPS / p.fixed.QPS
 		if len(ratios) > 0 {
-			sort.Float64s(ratios)
-			med = ratios[len(ratios)/2]
-			if len(ratios)%2 == 0 {
-				med = (ratios[len(ratios)/2-1] + ratios[len(ratios)/2]) / 2
-			}
+			med = Median(ratios)
 		}
 		status := "met"
 		if med < 0.9 {

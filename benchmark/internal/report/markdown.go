@@ -644,7 +644,7 @@ func (d *data) roundRatios(b *strings.Builder) {
 					continue
 				}
 				rows = append(rows, []string{layer, pair[0] + " / " + pair[1], SizeName(size),
-					ratios(p50), fmt.Sprintf("%.2f×", medianOf(p50)), ratios(cpu), fmt.Sprintf("%.2f×", medianOf(cpu))})
+					ratios(p50), fmt.Sprintf("%.2f×", Median(p50)), ratios(cpu), fmt.Sprintf("%.2f×", Median(cpu))})
 			}
 		}
 	}
@@ -679,9 +679,9 @@ func ratios(v []float64) string {
 	return strings.Join(parts, ", ")
 }
 
-// medianOf is the median of v (the mean of the middle two for an even
+// Median is the median of v (the mean of the middle two for an even
 // count); v is not modified.
-func medianOf(v []float64) float64 {
+func Median(v []float64) float64 {
 	if len(v) == 0 {
 		return 0
 	}

@@ -150,12 +150,12 @@ func TestMedianOf(t *testing.T) {
 		want float64
 	}{{nil, 0}, {[]float64{3}, 3}, {[]float64{3, 1, 2}, 2}, {[]float64{4, 1, 3, 2}, 2.5}} {
 		in := append([]float64(nil), c.in...)
-		if got := medianOf(c.in); got != c.want {
-			t.Errorf("medianOf(%v) = %v, want %v", c.in, got, c.want)
+		if got := Median(c.in); got != c.want {
+			t.Errorf("Median(%v) = %v, want %v", c.in, got, c.want)
 		}
 		for i := range in {
 			if in[i] != c.in[i] {
-				t.Errorf("medianOf modified its input: %v", c.in)
+				t.Errorf("Median modified its input: %v", c.in)
 			}
 		}
 	}
