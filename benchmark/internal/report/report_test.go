@@ -50,8 +50,11 @@ func synthetic() []Record {
 	return recs
 }
 
-func TestWrite_ReportAndCharts(t *testing.T) {
-	dir := t.TempDir()
+// writeSynthetic writes the report of synthetic() into a temporary
+// directory and returns the directory and REPORT.md.
+func writeSynthetic(t *testing.T) (dir, md string) {
+	t.Helper()
+	dir = t.TempDir()
 	if err := Write(dir, synthetic(), Options{Source: "x.json", Command: "make bench"}); err != nil {
 		t.Fatal(err)
 	}
@@ -59,7 +62,11 @@ func TestWrite_ReportAndCharts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	md := string(b)
+	return dir, string(b)
+}
+
+func TestWrite_ReportAndCharts(t *testing.T) {
+	dir, md := writeSynthetic(t)
 	for _, want := range []string{"## Goals", "## Engine layer", "## Kitex layer", "## Scale", "kshm / uds",
 		"engine-latency-c1.svg", "kitex-throughput-c16.svg", "scale-throughput.svg", "test cpu",
 		"unix socket 1-byte round trip", "23.5", "1700", "## Every round of the key rows", "context switches / minor page faults",
@@ -125,15 +132,7 @@ func TestWrite_FloorSection(t *testing.T) {
 // The per-round table divides kshm by its baseline within each round, not
 // medians from different rounds, and leaves out pairs with no baseline.
 func TestWrite_RatiosRoundByRound(t *testing.T) {
-	dir := t.TempDir()
-	if err := Write(dir, synthetic(), Options{Source: "x.json", Command: "make bench"}); err != nil {
-		t.Fatal(err)
-	}
-	b, err := os.ReadFile(filepath.Join(dir, "REPORT.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	report := string(b)
+	_, report := writeSynthetic(t)
 	// engine kshm 64 B: rounds 1, 3, 1 µs; uds: 2.128, 2.341, 1.915 µs.
 	want := "| engine | kshm / uds | 64 B | 0.47, 1.28, 0.52 | 0.52× |"
 	if !strings.Contains(report, want) {
