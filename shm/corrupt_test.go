@@ -258,3 +258,27 @@ func TestCorrupt_WakeFloodClosesSession(t *testing.T) {
 		t.Fatalf("Err = %v, want ErrCorrupt", srv.Err())
 	}
 }
+
+// Send reads the peer's consumer index of our ring (a cache line the peer's
+// receiver writes at every message) only when the index it last read
+// leaves too little room; it only grows, so the room that one leaves is
+// never more than there is. A corrupt index, one ahead of our tail, is
+// therefore found when the ring looks full, and closes the session then.
+func TestCorrupt_PeerHeadReadWhenRingLooksFull(t *testing.T) {
+	cli, srv := pair(t, testConfig(), testConfig())
+	ctx := context.Background()
+	entries := int(cli.local.geo.ringEntries)
+	atomic.StoreUint64(&srv.localHdr.PeerRingHead, 1<<40) // the server "consumed" far more than was sent
+	for i := range entries {
+		if err := cli.Send(ctx, uint64(i), 0, 0); err != nil {
+			t.Fatalf("send %d of %d with room in the ring as last read: %v", i, entries, err)
+		}
+	}
+	err := cli.Send(ctx, uint64(entries), 0, 0)
+	if !errors.Is(err, ErrClosed) || !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("send with the ring full as last read = %v, want ErrClosed wrapping ErrCorrupt", err)
+	}
+	if !errors.Is(cli.Err(), ErrCorrupt) {
+		t.Fatalf("Err = %v", cli.Err())
+	}
+}

@@ -314,7 +314,12 @@ func (s *Session) Release(m *Message) {
 		s.life.dropHolds(1)
 		return
 	}
-	if s.relTail+uint64(n)-atomic.LoadUint64(&s.peerHdr.PeerRelHead) > entries {
+	// As Send's ring check (send.go): the peer's consumer index of our
+	// release ring, read again only when the one last read leaves no room.
+	if s.relTail+uint64(n)-s.relHeadSeen > entries {
+		s.relHeadSeen = atomic.LoadUint64(&s.peerHdr.PeerRelHead)
+	}
+	if s.relTail+uint64(n)-s.relHeadSeen > entries {
 		s.relMu.Unlock()
 		s.fail(fmt.Errorf("%w: peer holds back more released buffers than its quota (%d)", ErrCorrupt, entries))
 		s.life.dropHolds(1)

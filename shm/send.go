@@ -369,14 +369,22 @@ func (s *Session) publish(ctx context.Context, id, aux uint64, kind uint16, bufs
 			s.sendMu.Unlock()
 			return s.closedErr()
 		}
-		head := atomic.LoadUint64(&s.peerHdr.PeerRingHead)
+		// The peer's consumer index only grows, so the one we last read
+		// leaves at most as much room as there is: it is read again (a
+		// cache line the peer's receiver writes) only when that room is
+		// short.
 		tail := s.localTail
+		if tail-s.headSeen+nd <= entries {
+			break
+		}
+		head := atomic.LoadUint64(&s.peerHdr.PeerRingHead)
 		used := tail - head
 		if used > entries {
 			s.sendMu.Unlock()
 			s.fail(fmt.Errorf("%w: peer's consumer index %d is ahead of our producer index %d", ErrCorrupt, head, tail))
 			return s.closedErr()
 		}
+		s.headSeen = head
 		if used+nd <= entries {
 			break
 		}

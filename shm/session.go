@@ -90,10 +90,11 @@ type Session struct {
 	allocClosed bool
 
 	_ cacheLinePad
-	// sendMu guards localTail, the producer index of our send ring, and
-	// sendCounts.
+	// sendMu guards localTail, the producer index of our send ring,
+	// headSeen and sendCounts.
 	sendMu     sync.Mutex
 	localTail  uint64
+	headSeen   uint64 // the peer's consumer index of our ring, as last read
 	sendCounts sendCounters
 	lastWake   atomic.Uint64 // epoch+1 of the peer's sleep we last woke
 
@@ -126,12 +127,13 @@ type Session struct {
 
 	_ cacheLinePad
 	// relMu guards relTail, the producer index of our release ring,
-	// released (peer buffers released by us) and relHolds (holds of
+	// relHeadSeen, released (peer buffers released by us) and relHolds (holds of
 	// released messages, returned to life in batches; settled by close).
-	relMu    sync.Mutex
-	relTail  uint64
-	released uint64
-	relHolds uint64
+	relMu       sync.Mutex
+	relTail     uint64
+	relHeadSeen uint64 // the peer's consumer index of our release ring, as last read
+	released    uint64
+	relHolds    uint64
 
 	// wmu serialises writes to conn. Nobody waits for it while closing:
 	// close unblocks a writer by closing conn.
