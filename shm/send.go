@@ -67,10 +67,15 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 			}
 			s.allocHolds = holdBatch
 		}
-		if err := s.reclaimLocked(); err != nil {
-			s.allocMu.Unlock()
-			s.fail(err)
-			return Buffer{}, s.closedErr()
+		// Reclaim every reclaimEvery Allocs, and whenever the slots or
+		// the arenas have no room for this one, so that nothing fails or
+		// grows for want of a buffer the peer has given back.
+		reclaimed := false
+		if s.reclaimIn--; s.reclaimIn <= 0 || len(s.freeSlots) == 0 {
+			if err := s.reclaimDueLocked(); err != nil {
+				return Buffer{}, err
+			}
+			reclaimed = true
 		}
 		if len(s.freeSlots) == 0 {
 			s.allocCounts.failed++
@@ -79,6 +84,12 @@ func (s *Session) Alloc(n int) (Buffer, error) {
 			return Buffer{}, ErrQuota
 		}
 		lr, off, k, ok := s.allocAnyLocked(uint64(n))
+		if !ok && !reclaimed {
+			if err := s.reclaimDueLocked(); err != nil {
+				return Buffer{}, err
+			}
+			lr, off, k, ok = s.allocAnyLocked(uint64(n))
+		}
 		if ok {
 			s.allocHolds--
 			b := s.takeSlotLocked(lr, off, k, n)
@@ -229,6 +240,27 @@ func (s *Session) freeSlotLocked(slot uint32) {
 	s.allocCounts.frees++
 	s.allocCounts.inUseBufs--
 	s.allocCounts.inUseBytes -= int64(size)
+}
+
+// reclaimEvery is how many Allocs share one reclaim. The peer's release
+// ring tail and entries are lines its receiver writes at every Release, so
+// reading them costs a cache-line transfer each time something was
+// released: once every eight messages, the engine's 64 B round trip took
+// 1.72-1.75 µs against 2.20-2.22 µs (poll mode, three alternated pairs),
+// for at most eight buffers more in use.
+const reclaimEvery = 8
+
+// reclaimDueLocked reclaims and restarts the count to the next one. On
+// corrupt release entries it unlocks allocMu, closes the session and
+// returns why. allocMu held, with a hold in the cache.
+func (s *Session) reclaimDueLocked() error {
+	s.reclaimIn = reclaimEvery
+	if err := s.reclaimLocked(); err != nil {
+		s.allocMu.Unlock()
+		s.fail(err)
+		return s.closedErr()
+	}
+	return nil
 }
 
 // reclaimLocked frees the buffers the peer has released. A release entry

@@ -71,7 +71,7 @@ type Session struct {
 	_ cacheLinePad
 	// allocMu guards our regions and their allocators (locals, committed,
 	// grow), the free slot stack, the consumer index of the peer's release
-	// ring, leakLogged, allocCounts and growCounts.
+	// ring, reclaimIn, leakLogged, allocCounts and growCounts.
 	allocMu     sync.Mutex
 	locals      [MaxRegions]*localRegion // index 0 is the base region
 	committed   uint64                   // bytes of our regions, with one being grown
@@ -87,6 +87,7 @@ type Session struct {
 	// settled them (settleHolds); Alloc then refuses, and Free drops its
 	// buffer's hold from the word.
 	allocHolds  uint64
+	reclaimIn   int // Allocs until the next reclaim (send.go)
 	allocClosed bool
 
 	_ cacheLinePad

@@ -141,3 +141,80 @@ func TestSession_CloseWakesPeer(t *testing.T) {
 		t.Fatalf("Err = %v, want ErrPeerClosed", srv.Err())
 	}
 }
+
+// Alloc reclaims what the peer has released once every reclaimEvery calls,
+// not at each (the peer's receiver writes the release ring, so every read
+// of it is a cache-line transfer), and at once when no slot is free or no
+// arena has room: no Alloc fails, and no region grows, for want of a
+// buffer the peer has given back.
+func TestAlloc_ReclaimsEveryFewAndWhenOutOfRoom(t *testing.T) {
+	ctx := context.Background()
+	roundTrips := func(t *testing.T, cli, srv *Session, n, size int) {
+		t.Helper()
+		payload := make([]byte, size)
+		for i := range n {
+			payload[0] = byte(i)
+			send(t, cli, uint64(i), payload)
+			m, err := srv.Recv(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m.Len() != size || m.Segment(0)[0] != byte(i) {
+				t.Fatalf("round trip %d: got %d bytes", i, m.Len())
+			}
+			srv.Release(&m)
+		}
+	}
+	reclaimed := func(s *Session) uint64 {
+		s.allocMu.Lock()
+		defer s.allocMu.Unlock()
+		return s.allocCounts.reclaimed
+	}
+
+	t.Run("every few", func(t *testing.T) {
+		cli, srv := pair(t, testConfig(), testConfig())
+		for range 5 {
+			cli.Stats() // reclaims everything released so far
+			cli.allocMu.Lock()
+			cli.reclaimIn = reclaimEvery // as right after a reclaim
+			cli.allocMu.Unlock()
+			before, pass := reclaimed(cli), cli.coarseNow.Load()
+			roundTrips(t, cli, srv, reclaimEvery-1, 64)
+			some := reclaimed(cli) - before
+			roundTrips(t, cli, srv, 1, 64)
+			all := reclaimed(cli) - before
+			if cli.coarseNow.Load() != pass {
+				continue // a housekeeping pass (it reclaims too) ran in the window
+			}
+			if some != 0 || all != reclaimEvery-1 {
+				t.Fatalf("the %d Allocs after a reclaim reclaimed %d buffers, and the next one %d; want 0, then the %d released", reclaimEvery-1, some, all-some, reclaimEvery-1)
+			}
+			return
+		}
+		t.Fatal("a housekeeping pass ran in every window")
+	})
+
+	t.Run("no free slot", func(t *testing.T) {
+		c := testConfig()
+		c.MaxBuffers = 2
+		cli, srv := pair(t, c, testConfig())
+		roundTrips(t, cli, srv, 4*reclaimEvery, 64)
+	})
+
+	t.Run("no room in the arena", func(t *testing.T) {
+		c := testConfig()
+		c.RegionSize, c.InitialRegionSize, c.MaxMessageSize = 1<<20, 1<<20, 512<<10
+		cli, srv := pair(t, c, testConfig())
+		roundTrips(t, cli, srv, 2*reclaimEvery, 400<<10) // one buffer of that size fits at a time
+	})
+
+	t.Run("no growth", func(t *testing.T) {
+		c := testConfig()
+		c.RegionSize, c.InitialRegionSize, c.MaxMessageSize = 8<<20, 1<<20, 512<<10
+		cli, srv := pair(t, c, testConfig())
+		roundTrips(t, cli, srv, 2*reclaimEvery, 400<<10)
+		if st := cli.Stats(); st.Grows != 0 || st.Regions != 1 {
+			t.Fatalf("one message at a time grew the regions: %d grows, %d regions", st.Grows, st.Regions)
+		}
+	})
+}
