@@ -88,21 +88,50 @@ func TestSpin_BudgetFollowsTypicalWait(t *testing.T) {
 	within("SpinTime 0", 0, 0)
 }
 
-// Spinning stops while the process has more runnable goroutines than
-// processors.
-func TestSpin_StopsWhenProcessIsBusy(t *testing.T) {
+// While the process has more runnable goroutines than processors, a
+// poller goes on polling within its budget but yields its processor at
+// every pause; with the scheduler idle it neither stops nor yields.
+func TestSpin_YieldsWhenProcessIsBusy(t *testing.T) {
 	s := &Session{cfg: DefaultConfig()}
 	now := time.Now()
 	sched.goNext.Store(now.Add(time.Hour).UnixNano()) // no refresh during the test
 	sched.cpuNext.Store(now.Add(time.Hour).UnixNano())
-	t.Cleanup(func() { sched.goNext.Store(0); sched.cpuNext.Store(0); sched.goBusy.Store(false) })
-	sched.goBusy.Store(false)
-	if !s.keepSpinning(now, now, time.Millisecond) {
-		t.Fatal("stopped spinning with budget left and an idle scheduler")
+	t.Cleanup(func() {
+		sched.goNext.Store(0)
+		sched.cpuNext.Store(0)
+		sched.goBusy.Store(false)
+		sched.goWant.Store(false)
+		sched.cpuBusy.Store(false)
+	})
+	sched.cpuBusy.Store(false)
+	sched.goWant.Store(false)
+	for _, busy := range []bool{false, true} {
+		sched.goBusy.Store(busy)
+		if !s.keepSpinning(now, now, time.Millisecond) {
+			t.Fatalf("busy %v: stopped polling with budget left", busy)
+		}
+		if s.keepSpinning(now.Add(time.Millisecond), now, time.Millisecond) {
+			t.Fatalf("busy %v: polled past the budget", busy)
+		}
+		want := pausedNot
+		if busy {
+			want = pausedGosched
+		}
+		for i := 1; i < 4; i++ { // every pause, not only the first after a sample
+			if got := s.pause(i); got != want {
+				t.Fatalf("busy %v: pause %d did %d, want %d", busy, i, got, want)
+			}
+		}
 	}
-	sched.goBusy.Store(true)
-	if s.keepSpinning(now, now, time.Millisecond) {
-		t.Fatal("kept spinning while goroutines wait for a processor")
+	// Goroutines waiting with no processor idle: one Gosched per sample.
+	sched.goBusy.Store(false)
+	sched.goWant.Store(true)
+	if got := s.pause(1); got != pausedGosched {
+		t.Fatalf("a goroutine waiting for a processor: pause did %d, want a Gosched", got)
+	}
+	sched.goNext.Store(now.Add(time.Hour).UnixNano())
+	if got := s.pause(2); got != pausedNot {
+		t.Fatalf("the same sample again: pause did %d, want nothing", got)
 	}
 }
 
