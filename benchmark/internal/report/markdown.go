@@ -109,8 +109,9 @@ func (d *data) markdown(b *strings.Builder, source, command string, charts map[s
 	d.headline(b, charts)
 	d.goals(b)
 	d.floorSection(b)
-	d.kitexGoals(b)
+	missed := d.kitexGoals(b)
 	d.cpuSplit(b)
+	d.missedGoals(b, missed)
 	for _, layer := range []string{"engine", "kitex"} {
 		if len(d.concs(layer)) == 0 {
 			continue
@@ -744,7 +745,7 @@ func rounds(v []float64) string {
 
 // kitexGoals checks the Kitex layer's targets (issue 10): kshm in its
 // default mode against netpoll over a unix socket, in one run.
-func (d *data) kitexGoals(b *strings.Builder) {
+func (d *data) kitexGoals(b *strings.Builder) []missedGoal {
 	const base = "netpoll-uds"
 	get := func(t string, size, conc int) (Record, bool) { return d.get("kitex", t, size, conc) }
 	type goal struct {
@@ -777,7 +778,8 @@ func (d *data) kitexGoals(b *strings.Builder) {
 	}
 	sizes := []int{64, 16 << 10, 1 << 20}
 	var rows [][]string
-	for _, g := range goals {
+	var missed []missedGoal
+	for gi, g := range goals {
 		row := []string{g.text}
 		for _, size := range sizes {
 			limit, ok := g.sizes[size]
@@ -796,13 +798,15 @@ func (d *data) kitexGoals(b *strings.Builder) {
 				cell += " ✓"
 			} else {
 				cell += " ✗"
+				missed = append(missed, missedGoal{goal: g.text, cell: cell, size: size, conc: g.conc,
+					switches: gi == 2, kshm: k, netpoll: n})
 			}
 			row = append(row, cell)
 		}
 		rows = append(rows, row)
 	}
 	if _, ok := get("kshm", 64, 1); !ok {
-		return
+		return nil
 	}
 	fmt.Fprintf(b, "## Goals (Kitex layer, kshm against netpoll over a unix socket)\n\n")
 	head := []string{"goal"}
@@ -810,6 +814,118 @@ func (d *data) kitexGoals(b *strings.Builder) {
 		head = append(head, SizeName(s))
 	}
 	table(b, head, rows)
+	return missed
+}
+
+// missedGoal is one ✗ of the Kitex goals table, with the two rows it
+// compares.
+type missedGoal struct {
+	goal, cell    string
+	size, conc    int
+	switches      bool // the context-switch goal
+	kshm, netpoll Record
+}
+
+// whySwitches is what a context switch per call is, for the switch goal.
+const whySwitches = "a kshm receiver whose wait outlasts its spin budget sleeps, and its wake-up is a switch on each side; " +
+	"the budget follows the receiver's recent waits (docs/ARCHITECTURE.md, the spin rule), and polling through longer " +
+	"waits, which would remove the switches, cost CPU above netpoll's at 16-64 KiB in every variant measured"
+
+// missedGoals explains the missed Kitex goals, row by row, from what the
+// run measured: the CPU split's differences, GC cycles, page faults,
+// context switches and the Go scheduler's latency of both transports, and
+// which of the split's categories (explained above) would have to shrink.
+func (d *data) missedGoals(b *strings.Builder, missed []missedGoal) {
+	if len(missed) == 0 {
+		return
+	}
+	sort.SliceStable(missed, func(i, j int) bool {
+		if missed[i].conc != missed[j].conc {
+			return missed[i].conc < missed[j].conc
+		}
+		return missed[i].size < missed[j].size
+	})
+	b.WriteString("### Why each missed goal is missed\n\n")
+	b.WriteString("Row by row, from the same run: CPU per call, GC cycles per round, minor page faults, context " +
+		"switches (client + server) and run-queue wait per call of both processes, the p99 of the Go scheduler's " +
+		"latency (client / server), and the CPU split's categories where kshm spends more than netpoll, largest " +
+		"first; what each of those is and what would remove it is listed under the split above.\n\n")
+	for i := 0; i < len(missed); {
+		m := missed[i]
+		var goals []string
+		switches := false
+		for ; i < len(missed) && missed[i].size == m.size && missed[i].conc == m.conc; i++ {
+			goals = append(goals, fmt.Sprintf("%s: %s", missed[i].goal, strings.TrimSuffix(missed[i].cell, " ✗")))
+			switches = switches || missed[i].switches
+		}
+		k, n := m.kshm, m.netpoll
+		fmt.Fprintf(b, "- **%s, c=%d** (%s). kshm against netpoll: CPU %s against %s µs per call; GC cycles %s "+
+			"against %s per round; minor faults %.2f against %.2f, context switches %.2f + %.2f against %.2f + %.2f, "+
+			"run-queue wait %s against %s µs per call; scheduler latency p99 %s / %s against %s / %s µs.",
+			SizeName(m.size), m.conc, strings.Join(goals, "; "), us(k.CPU), us(n.CPU), num(k.GCs), num(n.GCs),
+			k.MinFlt, n.MinFlt, k.ClientCSW, k.ServerCSW, n.ClientCSW, n.ServerCSW, us(k.RunqWait), us(n.RunqWait),
+			us(k.ClientSchedP99), us(k.ServerSchedP99), us(n.ClientSchedP99), us(n.ServerSchedP99))
+		more, _ := splitDiff(k, n)
+		if len(more) > 0 {
+			fmt.Fprintf(b, " kshm spends more on %s.", diffList(more))
+		}
+		if m.conc > 1 {
+			// With both cores busy, throughput is the cores over the CPU
+			// per call: what netpoll spends in its transport bounds what
+			// any transport could gain.
+			var tot float64
+			for _, c := range splitCategories {
+				tot += n.CPUSplit[c.name]
+			}
+			io := n.CPUSplit["wait"] + n.CPUSplit["syscall"] + n.CPUSplit["transport"]
+			if tot > io && io > 0 {
+				fmt.Fprintf(b, " netpoll spends %.0f%% of its profiled CPU waiting, in system calls and in its "+
+					"own code, so a transport that cost nothing would make about %.2f× its calls per second "+
+					"at %.2f× its CPU per call.", 100*io/tot, tot/(tot-io), (tot-io)/tot)
+			}
+		}
+		if switches {
+			fmt.Fprintf(b, " Context switches: %s.", whySwitches)
+		}
+		b.WriteString("\n")
+	}
+	b.WriteString("\n")
+}
+
+type splitDelta struct {
+	name string
+	v    float64
+}
+
+// splitDiff returns the CPU split's categories where kshm spends more and
+// less than netpoll (by more than 0.5 µs per call), largest first.
+func splitDiff(k, n Record) (more, less []splitDelta) {
+	if len(k.CPUSplit) == 0 || len(n.CPUSplit) == 0 {
+		return nil, nil
+	}
+	for _, c := range splitCategories {
+		v := k.CPUSplit[c.name] - n.CPUSplit[c.name]
+		switch {
+		case v > 0.5:
+			more = append(more, splitDelta{c.name, v})
+		case v < -0.5:
+			less = append(less, splitDelta{c.name, -v})
+		}
+	}
+	sort.Slice(more, func(i, j int) bool { return more[i].v > more[j].v })
+	sort.Slice(less, func(i, j int) bool { return less[i].v > less[j].v })
+	return more, less
+}
+
+func diffList(ds []splitDelta) string {
+	var parts []string
+	for _, x := range ds {
+		parts = append(parts, fmt.Sprintf("%s %s", x.name, us(x.v)))
+	}
+	if len(parts) == 0 {
+		return "nothing"
+	}
+	return strings.Join(parts, ", ")
 }
 
 // splitCategories: the CPU split's categories, in order, with what each is.
@@ -902,37 +1018,12 @@ func (d *data) splitDifferences(b *strings.Builder) {
 			if !ok1 || !ok2 || len(k.CPUSplit) == 0 || len(n.CPUSplit) == 0 {
 				continue
 			}
-			type diff struct {
-				name string
-				v    float64
-			}
-			var more, less []diff
-			for _, c := range splitCategories {
-				v := k.CPUSplit[c.name] - n.CPUSplit[c.name]
-				switch {
-				case v > 0.5:
-					more = append(more, diff{c.name, v})
-				case v < -0.5:
-					less = append(less, diff{c.name, -v})
-				}
-			}
-			sort.Slice(more, func(i, j int) bool { return more[i].v > more[j].v })
-			sort.Slice(less, func(i, j int) bool { return less[i].v > less[j].v })
-			f := func(ds []diff) string {
-				var parts []string
-				for _, x := range ds {
-					parts = append(parts, fmt.Sprintf("%s %s", x.name, us(x.v)))
-				}
-				if len(parts) == 0 {
-					return "nothing"
-				}
-				return strings.Join(parts, ", ")
-			}
+			more, less := splitDiff(k, n)
 			for _, x := range more {
 				used[x.name] = true
 			}
 			lines = append(lines, fmt.Sprintf("- %s, c=%d: kshm spends more on %s; less on %s (µs per call).",
-				SizeName(size), conc, f(more), f(less)))
+				SizeName(size), conc, diffList(more), diffList(less)))
 		}
 	}
 	if len(lines) == 0 {

@@ -159,3 +159,58 @@ func TestMedianOf(t *testing.T) {
 		}
 	}
 }
+
+// Each missed Kitex goal is explained once per row, from the run's own
+// measurements; a met goal is not listed.
+func TestWrite_MissedGoalsExplained(t *testing.T) {
+	split := func(copyUS, waitUS, syscallUS float64) map[string]float64 {
+		return map[string]float64{"copy": copyUS, "wait": waitUS, "syscall": syscallUS, "kitex": 10}
+	}
+	rec := func(t string, size, conc int, p50, qps, cpu, csw float64, sp map[string]float64) Record {
+		return Record{Layer: "kitex", Transport: t, Size: size, Concurrency: conc, Clients: 1, P50: p50, QPS: qps,
+			CPU: cpu, CSW: csw, ClientCSW: csw / 2, ServerCSW: csw / 2, GCs: 7, Rounds: 3, CPUSplit: sp}
+	}
+	recs := []Record{
+		rec("kshm", 64, 1, 10, 1000, 20, 0.2, nil), rec("netpoll-uds", 64, 1, 100, 100, 100, 5, nil),
+		// 16 KiB c=16: throughput 1.1x (goal 1.5x) and CPU 0.9x (goal 0.7x) missed.
+		rec("kshm", 16<<10, 16, 50, 1100, 90, 0.5, split(30, 5, 2)),
+		rec("netpoll-uds", 16<<10, 16, 60, 1000, 100, 0.5, split(15, 20, 20)),
+	}
+	dir := t.TempDir()
+	if err := Write(dir, recs, Options{Source: "x.json", Command: "make bench"}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "REPORT.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	md := string(b)
+	i := strings.Index(md, "### Why each missed goal is missed")
+	if i < 0 {
+		t.Fatalf("no missed-goals section:\n%s", md)
+	}
+	sec := md[i:]
+	if j := strings.Index(sec[4:], "\n## "); j >= 0 {
+		sec = sec[:j+4]
+	}
+	for _, want := range []string{
+		"**16 KiB, c=16**",
+		"throughput at c=16, kshm / netpoll-uds: 1.10×",
+		"CPU per call at c=16, kshm / netpoll-uds: 0.90×",
+		"CPU 90.0 against 100 µs per call",
+		"kshm spends more on copy 15.0",
+		// netpoll: wait 20 + syscall 20 of 65 profiled: 62% and 1/(1-0.615) = 2.60x.
+		"netpoll spends 62% of its profiled CPU",
+		"about 2.60× its calls per second",
+	} {
+		if !strings.Contains(sec, want) {
+			t.Errorf("missed-goals section lacks %q:\n%s", want, sec)
+		}
+	}
+	if n := strings.Count(sec, "**16 KiB, c=16**"); n != 1 {
+		t.Errorf("row listed %d times, want once", n)
+	}
+	if strings.Contains(sec, "**64 B") {
+		t.Errorf("a row whose goals are met is listed:\n%s", sec)
+	}
+}
