@@ -3,6 +3,7 @@ package shm
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"sync/atomic"
 	"time"
 )
@@ -153,6 +154,13 @@ func (s *Session) recvLoop(ctx context.Context, m *Message) error {
 			}
 		default:
 			if i&15 != 0 {
+				// Between checks, yield at every poll while the
+				// process is over-subscribed (pause, wake.go): one
+				// poll in sixteen left the ring's receiver spinning
+				// on a processor others waited for.
+				if sched.goBusy.Load() {
+					runtime.Gosched()
+				}
 				continue
 			}
 			if ctxDone(ctx) {
