@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -67,6 +68,14 @@ func TestBench_SmokeEveryTransport(t *testing.T) {
 		if len(r.P50Rounds) != r.Rounds || len(r.CSWRounds) != r.Rounds || len(r.FltRounds) != r.Rounds {
 			t.Errorf("%s/%s %d B c%d: per-round values %v %v %v for %d rounds", r.Layer, r.Transport, r.Size, r.Concurrency,
 				r.P50Rounds, r.CSWRounds, r.FltRounds, r.Rounds)
+		}
+		// Only a receiver that sleeps is woken: never one of kshm's poll or
+		// timed modes, and no transport that is not kshm.
+		if w := r.WakeupsPerCall; w < 0 || math.Abs(w-r.ClientWakeupsPerCall-r.ServerWakeupsPerCall) > 0.002 && r.Rounds == 1 ||
+			r.FutexWakeupsPerCall > w+1e-9 ||
+			(w != 0 && (!strings.HasPrefix(r.Transport, "kshm") || strings.Contains(r.Transport, "-poll") || strings.Contains(r.Transport, "-timed"))) {
+			t.Errorf("%s/%s %d B c%d: wake-ups per call %v (client %v, server %v, futex %v)", r.Layer, r.Transport, r.Size,
+				r.Concurrency, w, r.ClientWakeupsPerCall, r.ServerWakeupsPerCall, r.FutexWakeupsPerCall)
 		}
 		if c := r.Machine.Calibration; c == nil || c.UDSRoundTripUS <= 0 || c.FutexRoundTripUS <= 0 || c.PageTouchUS <= 0 ||
 			c.MemcpyColdGBs <= 0 || (c.Pinned && c.CacheLineRoundTripNs <= 0) || len(c.Errors) > 0 {

@@ -146,6 +146,9 @@ type roundResult struct {
 	minflt, clientMinflt, serverMinflt float64
 	migrations, runqWait               float64
 	gcs                                float64 // GC cycles in the window, both processes
+	// kshm wake-ups per call: sent by the client processes (each woke the
+	// server's receiver) and by the server, and of both the futex ones.
+	clientWakeups, serverWakeups, futexWakeups float64
 	// split: CPU µs per call by category, both processes (split pass).
 	split map[string]float64
 	// Go scheduler latency (/sched/latencies:seconds) in the window, µs:
@@ -632,6 +635,8 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		cd.CPUNs += p.CPUNs
 		cd.Mallocs += p.Mallocs
 		cd.Fallbacks += p.Fallbacks
+		cd.Wakeups += p.Wakeups
+		cd.FutexWakeups += p.FutexWakeups
 		cd.VCSW += p.VCSW
 		cd.IVCSW += p.IVCSW
 		cd.MinFlt += p.MinFlt
@@ -704,6 +709,9 @@ func (or *orchestrator) measure(d transportDef, c benchCase) (res roundResult, e
 		migrations:   perCall(cd.Migrations) + srvPerCall(sd.Migrations),
 		runqWait:     (perCall(cd.RunqWaitNs) + srvPerCall(sd.RunqWaitNs)) / 1e3,
 		gcs:          float64(cd.GCs + sd.GCs),
+
+		clientWakeups: perCall(int64(cd.Wakeups)), serverWakeups: srvPerCall(int64(sd.Wakeups)),
+		futexWakeups: perCall(int64(cd.FutexWakeups)) + srvPerCall(int64(sd.FutexWakeups)),
 
 		clientSchedP50: cd.SchedP50Ns / 1e3, clientSchedP99: cd.SchedP99Ns / 1e3,
 		serverSchedP50: sd.SchedP50Ns / 1e3, serverSchedP99: sd.SchedP99Ns / 1e3,

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"github.com/shmkit/kshm/shm"
 )
 
 // procSample is what a server or client process reports about itself at
@@ -39,9 +41,15 @@ type procSample struct {
 	// Split: the server's window CPU by category, ns (split pass only).
 	Split     map[string]int64 `json:"split,omitempty"`
 	Fallbacks uint64           `json:"fallbacks"` // messages that did not use shared memory
-	Errors    int              `json:"errors"`
-	RSSKiB    int64            `json:"rss_kib"`
-	ShmemKiB  int64            `json:"shmem_kib"`
+	// Wake-ups this process's kshm sessions sent: sends that found the
+	// peer's receiver asleep and woke it with a system call (shm.Stats's
+	// WakeupsSent), and of those the ones through its futex. 0 for the
+	// other transports.
+	Wakeups      uint64 `json:"wakeups"`
+	FutexWakeups uint64 `json:"futex_wakeups"`
+	Errors       int    `json:"errors"`
+	RSSKiB       int64  `json:"rss_kib"`
+	ShmemKiB     int64  `json:"shmem_kib"`
 	// Shared memory the process maps, counted once per memfd however
 	// often it is mapped: the pages the memfds have committed (allocated)
 	// and their sizes, in KiB, and the number of memfds.
@@ -87,6 +95,8 @@ func takeSample(fallbacks func() uint64) procSample {
 	if fallbacks != nil {
 		v.Fallbacks = fallbacks()
 	}
+	st := shm.ReadStats()
+	v.Wakeups, v.FutexWakeups = st.WakeupsSent, st.FutexWakeups
 	v.RSSKiB, v.ShmemKiB = memKiB()
 	m := memfdKiB()
 	v.ShmCommittedKiB, v.ShmMappedKiB, v.Memfds = m.committed, m.mapped, m.n
@@ -171,6 +181,7 @@ type procDelta struct {
 	Mallocs                                                    uint64
 	GCs                                                        uint32
 	Fallbacks                                                  uint64
+	Wakeups, FutexWakeups                                      uint64
 	// SchedP50Ns and SchedP99Ns are the quantiles of the Go scheduler
 	// latencies observed in the window (0 when none were).
 	SchedP50Ns, SchedP99Ns float64
@@ -182,6 +193,7 @@ func (a procSample) sub(b procSample) procDelta {
 		MinFlt: a.MinFlt - b.MinFlt, MajFlt: a.MajFlt - b.MajFlt,
 		Migrations: a.Migrations - b.Migrations, RunqWaitNs: a.RunqWaitNs - b.RunqWaitNs,
 		Mallocs: a.Mallocs - b.Mallocs, GCs: a.GCs - b.GCs, Fallbacks: a.Fallbacks - b.Fallbacks,
+		Wakeups: a.Wakeups - b.Wakeups, FutexWakeups: a.FutexWakeups - b.FutexWakeups,
 	}
 	if len(a.Sched) == len(b.Sched) && len(a.Sched) > 0 {
 		counts := make([]uint64, len(a.Sched))

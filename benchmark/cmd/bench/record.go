@@ -68,6 +68,16 @@ type record struct {
 	MigrationsPerCall   float64 `json:"migrations_per_call"`
 	RunqWaitUSPerCall   float64 `json:"runq_wait_us_per_call"`
 	GCsPerRound         float64 `json:"gcs_per_round"` // GC cycles in a window, both processes
+	// kshm's wake-ups per call: sends that found the peer's receiver asleep
+	// and woke it with a system call, sent by the client processes (waking
+	// the server) and by the server (waking a client), and of all those the
+	// ones through the receiver's futex rather than its socket. Each costs
+	// the sender a system call and the receiver a context switch. 0 for the
+	// other transports and for kshm's poll and timed modes.
+	WakeupsPerCall       float64 `json:"wakeups_per_call"`
+	ClientWakeupsPerCall float64 `json:"client_wakeups_per_call"`
+	ServerWakeupsPerCall float64 `json:"server_wakeups_per_call"`
+	FutexWakeupsPerCall  float64 `json:"futex_wakeups_per_call"`
 	// The Go scheduler's latency (/sched/latencies:seconds: how long
 	// goroutines waited runnable) in the window, µs, per process.
 	ClientSchedP50US float64 `json:"client_sched_p50_us"`
@@ -222,6 +232,10 @@ func aggregate(d transportDef, c benchCase, rs []roundResult, errs []string, m m
 	rec.MigrationsPerCall = med(func(r roundResult) float64 { return r.migrations })
 	rec.RunqWaitUSPerCall = med(func(r roundResult) float64 { return r.runqWait })
 	rec.GCsPerRound = med(func(r roundResult) float64 { return r.gcs })
+	rec.WakeupsPerCall = med(func(r roundResult) float64 { return r.clientWakeups + r.serverWakeups })
+	rec.ClientWakeupsPerCall = med(func(r roundResult) float64 { return r.clientWakeups })
+	rec.ServerWakeupsPerCall = med(func(r roundResult) float64 { return r.serverWakeups })
+	rec.FutexWakeupsPerCall = med(func(r roundResult) float64 { return r.futexWakeups })
 	rec.ClientSchedP50US = med(func(r roundResult) float64 { return r.clientSchedP50 })
 	rec.ClientSchedP99US = med(func(r roundResult) float64 { return r.clientSchedP99 })
 	rec.ServerSchedP50US = med(func(r roundResult) float64 { return r.serverSchedP50 })

@@ -865,6 +865,11 @@ func (d *data) missedGoals(b *strings.Builder, missed []missedGoal) {
 			SizeName(m.size), m.conc, strings.Join(goals, "; "), us(k.CPU), us(n.CPU), num(k.GCs), num(n.GCs),
 			k.MinFlt, n.MinFlt, k.ClientCSW, k.ServerCSW, n.ClientCSW, n.ServerCSW, us(k.RunqWait), us(n.RunqWait),
 			us(k.ClientSchedP99), us(k.ServerSchedP99), us(n.ClientSchedP99), us(n.ServerSchedP99))
+		if k.Wakeups != nil {
+			fmt.Fprintf(b, " kshm's wake-ups (a send finding the peer's receiver asleep: a system call for the sender, "+
+				"a context switch for the receiver) %.2f + %.2f per call, %.2f of them through the futex.",
+				k.ClientWakeups, k.ServerWakeups, k.FutexWakeups)
+		}
 		more, _ := splitDiff(k, n)
 		if len(more) > 0 {
 			fmt.Fprintf(b, " kshm spends more on %s.", diffList(more))

@@ -65,6 +65,10 @@ type Record struct {
 	Migrations     float64   `json:"migrations_per_call"`
 	RunqWait       float64   `json:"runq_wait_us_per_call"`
 	GCs            float64   `json:"gcs_per_round"`
+	Wakeups        *float64  `json:"wakeups_per_call"` // nil in runs from before it was recorded
+	ClientWakeups  float64   `json:"client_wakeups_per_call"`
+	ServerWakeups  float64   `json:"server_wakeups_per_call"`
+	FutexWakeups   float64   `json:"futex_wakeups_per_call"`
 	ClientSchedP50 float64   `json:"client_sched_p50_us"`
 	ClientSchedP99 float64   `json:"client_sched_p99_us"`
 	ServerSchedP50 float64   `json:"server_sched_p50_us"`

@@ -176,6 +176,8 @@ func TestWrite_MissedGoalsExplained(t *testing.T) {
 		rec("kshm", 16<<10, 16, 50, 1100, 90, 0.5, split(30, 5, 2)),
 		rec("netpoll-uds", 16<<10, 16, 60, 1000, 100, 0.5, split(15, 20, 20)),
 	}
+	wakeups := 0.3
+	recs[2].Wakeups, recs[2].ClientWakeups, recs[2].ServerWakeups, recs[2].FutexWakeups = &wakeups, 0.2, 0.1, 0.05
 	dir := t.TempDir()
 	if err := Write(dir, recs, Options{Source: "x.json", Command: "make bench"}); err != nil {
 		t.Fatal(err)
@@ -202,6 +204,7 @@ func TestWrite_MissedGoalsExplained(t *testing.T) {
 		// netpoll: wait 20 + syscall 20 of 65 profiled: 62% and 1/(1-0.615) = 2.60x.
 		"netpoll spends 62% of its profiled CPU",
 		"about 2.60× its calls per second",
+		"0.20 + 0.10 per call, 0.05 of them through the futex",
 	} {
 		if !strings.Contains(sec, want) {
 			t.Errorf("missed-goals section lacks %q:\n%s", want, sec)
@@ -212,5 +215,17 @@ func TestWrite_MissedGoalsExplained(t *testing.T) {
 	}
 	if strings.Contains(sec, "**64 B") {
 		t.Errorf("a row whose goals are met is listed:\n%s", sec)
+	}
+
+	// A run from before wake-ups were recorded says nothing about them.
+	recs[2].Wakeups = nil
+	if err := Write(dir, recs, Options{Source: "x.json", Command: "make bench"}); err != nil {
+		t.Fatal(err)
+	}
+	if b, err = os.ReadFile(filepath.Join(dir, "REPORT.md")); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(b), "wake-ups (") {
+		t.Errorf("wake-ups reported for a run that did not record them")
 	}
 }
