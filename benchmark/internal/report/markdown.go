@@ -347,6 +347,7 @@ func (d *data) layerSection(b *strings.Builder, layer string, charts []chart) {
 		}
 		fmt.Fprintf(b, "Per call, both processes: context switches / minor page faults / CPU migrations / µs waiting for a CPU\n\n")
 		table(b, head, expl)
+		d.wakeupsTable(b, layer, conc, ts)
 		if layer == "kitex" {
 			var sched [][]string
 			for _, size := range d.sizes(layer) {
@@ -1043,4 +1044,43 @@ func (d *data) splitDifferences(b *strings.Builder) {
 		}
 	}
 	b.WriteString("\n")
+}
+
+// wakeupsTable lists kshm's wake-ups per call (client + server, and of
+// them those through the futex) for the kshm transports of one layer and
+// concurrency, when the run recorded them: each is a receiver that slept,
+// a context switch of its own, which tells those apart from the others in
+// the table above.
+func (d *data) wakeupsTable(b *strings.Builder, layer string, conc int, ts []string) {
+	var kt []string
+	for _, t := range ts {
+		if !strings.HasPrefix(t, "kshm") {
+			continue
+		}
+		for _, size := range d.sizes(layer) {
+			if r, ok := d.get(layer, t, size, conc); ok && r.Wakeups != nil {
+				kt = append(kt, t)
+				break
+			}
+		}
+	}
+	if len(kt) == 0 {
+		return
+	}
+	var rows [][]string
+	for _, size := range d.sizes(layer) {
+		e := []string{SizeName(size)}
+		for _, t := range kt {
+			r, ok := d.get(layer, t, size, conc)
+			if !ok || r.Wakeups == nil {
+				e = append(e, "–")
+				continue
+			}
+			e = append(e, fmt.Sprintf("%.2f + %.2f (%.2f)", r.ClientWakeups, r.ServerWakeups, r.FutexWakeups))
+		}
+		rows = append(rows, e)
+	}
+	fmt.Fprintf(b, "kshm's wake-ups per call, sent by the client + by the server (of both, through the futex): "+
+		"each is a receiver that slept and a context switch of its own\n\n")
+	table(b, append([]string{"size"}, kt...), rows)
 }

@@ -229,3 +229,37 @@ func TestWrite_MissedGoalsExplained(t *testing.T) {
 		t.Errorf("wake-ups reported for a run that did not record them")
 	}
 }
+
+// The engine and Kitex sections list kshm's wake-ups per call for the kshm
+// transports of a run that recorded them, and leave the table out of one
+// that did not.
+func TestWrite_WakeupsTable(t *testing.T) {
+	w := 0.9
+	recs := []Record{
+		{Layer: "kitex", Transport: "kshm", Size: 16 << 10, Concurrency: 1, Clients: 1, P50: 50, QPS: 100, CPU: 100, Rounds: 3,
+			Wakeups: &w, ClientWakeups: 0.5, ServerWakeups: 0.4, FutexWakeups: 0.85},
+		{Layer: "kitex", Transport: "netpoll-uds", Size: 16 << 10, Concurrency: 1, Clients: 1, P50: 100, QPS: 50, CPU: 150, Rounds: 3},
+	}
+	dir := t.TempDir()
+	read := func() string {
+		t.Helper()
+		if err := Write(dir, recs, Options{Source: "x.json", Command: "make bench"}); err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.ReadFile(filepath.Join(dir, "REPORT.md"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	md := read()
+	for _, want := range []string{"kshm's wake-ups per call", "| size | kshm |", "| 16 KiB | 0.50 + 0.40 (0.85) |"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q", want)
+		}
+	}
+	recs[0].Wakeups = nil
+	if md := read(); strings.Contains(md, "kshm's wake-ups per call") {
+		t.Errorf("a wake-ups table for a run that did not record them")
+	}
+}
